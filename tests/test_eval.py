@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from diffalign.errors import UserError
@@ -110,6 +111,13 @@ def test_compare_report(tiny_model, toy_pairs, tmp_path, prompts_file):
         rows = list(csv.DictReader(f))
     assert "testbed_win_rate" in rows[0] and rows[1]["testbed_win_rate"] != ""
     assert 0.0 <= float(rows[1]["jpeg_win_rate"]) <= 1.0
+    # paired difference: the mean of per-(prompt, seed) differences, recomputed from the CSVs
+    base_scores = {(r["prompt"], r["seed"]): float(r["jpeg"]) for r in _rows(tmp_path / "base")}
+    diffs = np.array([float(r["jpeg"]) - base_scores[(r["prompt"], r["seed"])] for r in _rows(tmp_path / "dpo_eval")])
+    assert float(rows[1]["jpeg_delta_mean"]) == pytest.approx(diffs.mean(), abs=1e-9)
+    half = float(rows[1]["jpeg_delta_ci_high"]) - float(rows[1]["jpeg_delta_mean"])
+    assert half == pytest.approx(3.182 * diffs.std(ddof=1) / np.sqrt(len(diffs)), rel=1e-6)  # t(3) for 4 pairs
+    assert "minus base, paired" in md
     with pytest.raises(UserError):
         compare([str(tmp_path / "nothing")], str(tmp_path / "r2"))
 

@@ -120,3 +120,29 @@ def test_apply_target_style_and_style_reward():
     out = StyleReward()(np.concatenate([img, warm]), [ "two small white circles"] * 2)
     assert float(out.scores[1]) > float(out.scores[0]) + 0.4
     assert float(out.details["faithfulness"][0]) == float(out.details["faithfulness"][1]) == 1.0
+
+
+def test_images_per_prompt_best_vs_worst(prompts):
+    """K=4: each pair shows the best and the worst of four samples, so the utility gap grows
+    and the best-of-4 image beats the K=2 chosen image on average; the winner is still random
+    in position; and K < 2 is refused."""
+    s = WorldSampler(error_rate=0.5, warm_rate=0.0)
+    u = HiddenUtility()
+
+    def gaps_and_chosen(k):
+        t = make_pairs(s, prompts, 120, seed=2, images_per_prompt=k, temperature=1e-6, tie_margin=1e-9)
+        a, b = decode_pairs(t)
+        caps = t.column("caption").to_pylist()
+        ua, ub = u(a, caps).numpy(), u(b, caps).numpy()
+        l0 = np.asarray(t.column("label_0").to_pylist())
+        keep = l0 != 0.5
+        # near-zero temperature: the label is the argmax of the utility, position either way
+        assert np.all((ua > ub)[keep] == (l0 == 1.0)[keep])
+        assert 0.2 < (l0[keep] == 1.0).mean() < 0.8
+        return np.abs(ua - ub).mean(), np.maximum(ua, ub).mean()
+
+    gap2, best2 = gaps_and_chosen(2)
+    gap4, best4 = gaps_and_chosen(4)
+    assert gap4 > 1.3 * gap2 and best4 > best2
+    with pytest.raises(ValueError, match="images_per_prompt"):
+        make_pairs(s, prompts, 4, images_per_prompt=1)

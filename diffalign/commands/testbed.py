@@ -10,7 +10,7 @@ def cmd_testbed_base(args) -> int:
 
     from ..testbed.base_model import get_base_model
 
-    path = get_base_model(args.budget, force=args.force)
+    path = get_base_model(args.budget, force=args.force, out=args.out)
     info = json.loads((path / "testbed_base.json").read_text())
     print(f"testbed base model ({args.budget}): {path} (trained in {info['train_seconds']}s, loss {info['final_loss']:.4f})")
     return 0
@@ -27,12 +27,13 @@ def cmd_testbed_compare(args) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("testbed-base", help="train (or show the cached) testbed base model")
     p.add_argument("--budget", choices=["quick", "full"], default="full")
-    p.add_argument("--force", action="store_true", help="retrain even if cached")
+    p.add_argument("--force", action="store_true", help="retrain even if shipped or cached")
+    p.add_argument("--out", default=None, help="train into this directory (default: the cache)")
     p.set_defaults(func=cmd_testbed_base)
 
     p = sub.add_parser("testbed-compare", help="base model -> pairs -> DPO/MaPO/SFT/GRPO -> eval -> report, on the testbed world")
     p.add_argument("--out", required=True)
-    p.add_argument("--budget", choices=["quick", "full"], default="quick")
-    p.add_argument("--methods", nargs="*", default=None, help="subset of: dpo mapo sft dpo_mismatch mapo_mismatch grpo dancegrpo")
+    p.add_argument("--budget", choices=["quick", "full"], default="full")
+    p.add_argument("--methods", nargs="*", default=None, help="subset of: dpo mapo sft dpo_mismatch mapo_mismatch grpo mixgrpo dancegrpo (default: the budget's list)")
     p.add_argument("--force-base", action="store_true", help="retrain the base model even if cached")
     p.set_defaults(func=cmd_testbed_compare)

@@ -5,8 +5,10 @@ training run dirs (``metrics.jsonl``). An eval made with ``--lora RUN_DIR`` pick
 run's ``metrics.jsonl`` automatically. Writes ``report.md``, ``report.html``,
 ``curves.png`` (reward/loss vs step), ``side_by_side.png`` and ``table.csv`` to ``out``.
 
-Win rate of a method against the base eval: over the (prompt, seed) keys both evaluated,
-the fraction where the method scores higher (ties count one half).
+Against the base eval, over the (prompt, seed) keys both evaluated (shared seeds, so the
+same starting noise): the win rate, the fraction where the method scores higher (ties
+count one half), and the paired difference ``method - base`` with its 95% t interval
+(much tighter than comparing two marginal intervals, because the shared noise cancels).
 """
 
 from __future__ import annotations
@@ -59,7 +61,11 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def win_rate(run: EvalRun, base: EvalRun, column: str) -> dict:
+    """``{"win_rate", "n_paired", "delta_mean", "delta_ci_low", "delta_ci_high"}`` of ``run`` vs ``base``."""
+    from .summary import confidence_interval
+
     wins = n = 0.0
+    diffs: list[float] = []
     for key, row in run.by_key.items():
         brow = base.by_key.get(key)
         if brow is None or column not in row or column not in brow:
@@ -72,7 +78,10 @@ def win_rate(run: EvalRun, base: EvalRun, column: str) -> dict:
             continue
         n += 1
         wins += 1.0 if a > b else 0.5 if a == b else 0.0
-    return {"win_rate": wins / n if n else float("nan"), "n_paired": int(n)}
+        diffs.append(a - b)
+    d = confidence_interval(diffs)
+    return {"win_rate": wins / n if n else float("nan"), "n_paired": int(n),
+            "delta_mean": d["mean"], "delta_ci_low": d["ci_low"], "delta_ci_high": d["ci_high"]}
 
 
 def _fmt(x: float, nd: int = 3) -> str:
@@ -197,6 +206,8 @@ def compare(run_dirs: list[str], out: str, base: str | None = None, names: list[
                 wr = win_rate(e, base_run, c)
                 row[f"{c}_win_rate"] = wr["win_rate"]
                 row[f"{c}_n_paired"] = wr["n_paired"]
+                for k in ("delta_mean", "delta_ci_low", "delta_ci_high"):
+                    row[f"{c}_{k}"] = wr[k]
         if e.metrics_path is not None:
             ms = metric_runs.get(e.name) or []
             row["train_steps"] = max((m.get("step", 0) for m in ms), default=0)
@@ -210,13 +221,17 @@ def compare(run_dirs: list[str], out: str, base: str | None = None, names: list[
 
     header = ["method"]
     for c in columns:
-        header += [f"{c} mean [95% CI]", f"{c} win vs base"]
+        header += [f"{c} mean [95% CI]", f"{c} minus base, paired [95% CI]", f"{c} win vs base"]
     md_rows = []
     for r in table_rows:
         cells = [r["method"] + (" (base)" if base_run is not None and r["method"] == base_run.name else "")]
         for c in columns:
             if f"{c}_mean" in r:
                 cells.append(f"{_fmt(r[f'{c}_mean'])} [{_fmt(r[f'{c}_ci_low'])}, {_fmt(r[f'{c}_ci_high'])}]")
+            else:
+                cells.append("-")
+            if f"{c}_delta_mean" in r:
+                cells.append(f"{r[f'{c}_delta_mean']:+.3f} [{r[f'{c}_delta_ci_low']:+.3f}, {r[f'{c}_delta_ci_high']:+.3f}]")
             else:
                 cells.append("-")
             cells.append(_fmt(r[f"{c}_win_rate"], 2) if f"{c}_win_rate" in r else "-")
@@ -244,7 +259,8 @@ def compare(run_dirs: list[str], out: str, base: str | None = None, names: list[
             vals = " ".join(f"{k}={_fmt(float(v), 4)}" for k, v in last.items() if isinstance(v, (int, float)) and k in ("step", "loss", "reward_mean", "implicit_acc"))
             final_lines.append(f"- **{name}**: {len(ms)} logged steps; last: {vals}")
 
-    base_line = f"Win rates are against **{base_run.name}**, paired by (prompt, seed)." if base_run else ""
+    base_line = (f"Differences and win rates are against **{base_run.name}**, paired by (prompt, seed): "
+                 "the same starting noise for every method." if base_run else "")
     md = ["# diffalign comparison", "", base_line, "", table_md, ""]
     if final_lines:
         md += ["## Training runs", "", *final_lines, ""]

@@ -4,8 +4,9 @@
 2. sample the base model on train prompts and label pairs with the hidden utility
    (:func:`diffalign.testbed.make_pairs`): ``pairs/`` (normal) and ``pairs_mismatch/``
    (chosen images restyled to the target style; same images and labels);
-3. train DPO, MaPO, SFT on the normal pairs, DPO and MaPO on the mismatch pairs, and two
-   GRPO variants on the ``testbed`` reward (when ``method: grpo`` is available);
+3. train DPO, MaPO, SFT on the normal pairs, DPO and MaPO on the mismatch pairs, and GRPO
+   on the ``testbed`` reward over the full trajectory and in a sliding window (MixGRPO);
+   DanceGRPO on request;
 4. ``eval`` the base and every run on held-out prompts with ``testbed`` and ``testbed_style``;
 5. ``compare`` them into ``report/``.
 
@@ -82,7 +83,7 @@ def run_testbed_compare(out: str, budget: str = "quick", methods: list[str] | No
 
     from ..config import load_config
     from ..testbed import heldout_prompts, make_pairs, train_prompts, write_prompts
-    from ..testbed.base_model import PipelineSampler, get_base_model
+    from ..testbed.base_model import BUDGETS, PipelineSampler, get_base_model
     from ..trainers import train
     from .compare import compare
     from .generate import EvalConfig, load_pipeline, run_eval
@@ -101,8 +102,9 @@ def run_testbed_compare(out: str, budget: str = "quick", methods: list[str] | No
 
     # 2. prompts + pairs
     t0 = time.perf_counter()
-    train_p = train_prompts(int(b["n_train_prompts"]))
-    held_p = heldout_prompts(int(b["eval_prompts"]))
+    scene = BUDGETS[b["base"]].scene  # prompts from the world the base was trained on
+    train_p = train_prompts(int(b["n_train_prompts"]), **scene)
+    held_p = heldout_prompts(int(b["eval_prompts"]), **scene)
     train_file = write_prompts(train_p, out_dir / "prompts" / "train.txt")
     held_file = write_prompts(held_p, out_dir / "prompts" / "heldout.txt")
     pipe = load_pipeline(base)
@@ -112,28 +114,32 @@ def run_testbed_compare(out: str, budget: str = "quick", methods: list[str] | No
         path = out_dir / "data" / variant / "train.parquet"
         if not path.is_file():
             make_pairs(sampler, train_p, int(b["n_pairs"]), seed=0, style_mismatch=mismatch, out_path=path,
-                       tie_margin=float(b.get("tie_margin", 0.05)))
+                       tie_margin=float(b.get("tie_margin", 0.05)), images_per_prompt=int(b.get("images_per_prompt", 2)))
         pairs[variant] = str(path.parent)
     times["pairs"] = time.perf_counter() - t0
     log(f"[testbed-compare] pairs: {b['n_pairs']} x 2 variants ({times['pairs']:.0f}s)")
 
-    # 3. runs: name -> (config, overrides)
-    ms = str(b["method_steps"])
+    # 3. runs: name -> (config, overrides); the budget adds its overrides per kind and per name
+    pair_ov = [str(o) for o in b.get("pair_overrides", [])]
+    grpo_ov = [f"data={train_file}", *[str(o) for o in b.get("grpo_overrides", [])]]
     plan: dict[str, tuple[str, list[str]]] = {
-        "dpo": ("dpo.yaml", [f"data={pairs['pairs']}", f"max_steps={ms}"]),
-        "mapo": ("mapo.yaml", [f"data={pairs['pairs']}", f"max_steps={ms}"]),
-        "sft": ("sft.yaml", [f"data={pairs['pairs']}", f"max_steps={ms}"]),
-        "dpo_mismatch": ("dpo.yaml", [f"data={pairs['pairs_mismatch']}", f"max_steps={ms}"]),
-        "mapo_mismatch": ("mapo.yaml", [f"data={pairs['pairs_mismatch']}", f"max_steps={ms}"]),
+        "dpo": ("dpo.yaml", [f"data={pairs['pairs']}", *pair_ov]),
+        "mapo": ("mapo.yaml", [f"data={pairs['pairs']}", *pair_ov]),
+        "sft": ("sft.yaml", [f"data={pairs['pairs']}", *pair_ov]),
+        "dpo_mismatch": ("dpo.yaml", [f"data={pairs['pairs_mismatch']}", *pair_ov]),
+        "mapo_mismatch": ("mapo.yaml", [f"data={pairs['pairs_mismatch']}", *pair_ov]),
     }
     if grpo_available():
-        for name in ("grpo", "dancegrpo"):
-            plan[name] = (f"{name}.yaml", [f"data={train_file}", f"max_steps={b['grpo_steps']}", *b.get("grpo_overrides", [])])
-    if methods:
-        unknown = [m for m in methods if m not in plan]
-        if unknown:
-            raise UserError(f"--methods: unknown {', '.join(unknown)}; available: {', '.join(plan)}")
-        plan = {k: v for k, v in plan.items() if k in methods}
+        for name in ("grpo", "mixgrpo", "dancegrpo"):
+            plan[name] = (f"{name}.yaml", list(grpo_ov))
+    for name, extra in (b.get("method_overrides") or {}).items():
+        if name in plan:
+            plan[name][1].extend(str(o) for o in extra)
+    wanted = methods or b.get("methods") or list(plan)
+    unknown = [m for m in wanted if m not in plan]
+    if unknown:
+        raise UserError(f"methods: unknown {', '.join(unknown)}; available: {', '.join(plan)}")
+    plan = {k: plan[k] for k in wanted}
     status: dict[str, str] = {}
     for name, (cfg_file, overrides) in tqdm(list(plan.items()), desc="testbed-compare: train", leave=True):
         run_dir = out_dir / "runs" / name

@@ -8,10 +8,11 @@ in ``seed``:
 1. the VAE is fitted as a plain autoencoder on the training images for ``vae_steps``
    (a random-init decoder cannot turn anything into images) and then frozen, with
    ``scaling_factor`` recalibrated to unit latent std;
-2. the text encoder stays frozen at its random init (the prompts are byte-tokenised, so
-   different captions give different token embeddings; :func:`prompt_separability` checks
-   it);
-3. only the UNet is trained, epsilon-prediction on the SD1.5 noise schedule, with
+2. the text encoder is trained jointly with the UNet (``train_text_encoder``; a frozen
+   random byte-level encoder makes colour/shape binding slow to learn) or stays frozen at
+   its random init (different captions still give different token embeddings;
+   :func:`prompt_separability` checks it);
+3. the UNet is trained from scratch, epsilon-prediction on the SD1.5 noise schedule, with
    ``cfg_dropout`` of the captions replaced by "" (for classifier-free guidance) and an
    EMA of the weights, for ``steps`` steps.
 
@@ -29,13 +30,13 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-BASE_MODEL_VERSION = 1
+BASE_MODEL_VERSION = 2
 
 
 @dataclass
@@ -53,6 +54,10 @@ class BaseModelConfig:
     cfg_dropout: float = 0.1
     ema_decay: float = 0.99
     exclude_heldout: bool = True
+    train_text_encoder: bool = False
+    text_learning_rate: float = 5e-4
+    #: :func:`~diffalign.testbed.world.sample_scene` keyword arguments of the training scenes
+    scene: dict = field(default_factory=dict)
     seed: int = 0
 
     def key(self) -> str:
@@ -62,10 +67,19 @@ class BaseModelConfig:
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
+#: The testbed-compare world: one object group per scene (colour, shape, count, size,
+#: position); two-group scenes need more capacity than a CPU-trained base has.
+JOB_SCENE: dict = {"p_two_groups": 0.0}
+
 BUDGETS: dict[str, BaseModelConfig] = {
-    "quick": BaseModelConfig(n_train=256, steps=40, vae_steps=40, batch_size=8, warmup_steps=5),
-    "full": BaseModelConfig(),
+    "quick": BaseModelConfig(n_train=256, steps=40, vae_steps=40, batch_size=8, warmup_steps=5,
+                             train_text_encoder=True, scene=JOB_SCENE),
+    "full": BaseModelConfig(n_train=20000, steps=6000, train_text_encoder=True, scene=JOB_SCENE),
 }
+
+#: The trained ``full`` base, shipped with the package (reproduce it with
+#: ``diffalign testbed-base --budget full --force --out diffalign/testbed/assets/base``).
+SHIPPED_DIR = Path(__file__).resolve().parent / "assets" / "base"
 
 
 def cache_root() -> Path:
@@ -119,7 +133,7 @@ def train_base_model(out: str | Path, cfg: BaseModelConfig | None = None, log: C
     vae, text_encoder, tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
     text_encoder.requires_grad_(False).eval()
 
-    samples = make_training_set(cfg.n_train, cfg.resolution, cfg.seed, exclude_heldout=cfg.exclude_heldout)
+    samples = make_training_set(cfg.n_train, cfg.resolution, cfg.seed, exclude_heldout=cfg.exclude_heldout, **cfg.scene)
     captions = [c for c, _ in samples]
     x = torch.from_numpy(np.stack([im for _, im in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
@@ -149,19 +163,17 @@ def train_base_model(out: str | Path, cfg: BaseModelConfig | None = None, log: C
     lat = lat * scale
     log(f"VAE: recon mse {vae_rec:.4f}, scaling_factor {scale:.3f}")
 
-    # 2. text embeddings (frozen encoder), once per unique caption
+    # 2. captions -> token ids (and, for a frozen encoder, embeddings) once per unique caption
     uniq = sorted(set(captions))
-    cond = {}
-    for i in range(0, len(uniq), 256):
-        chunk = uniq[i : i + 256]
-        for c, e in zip(chunk, _encode_text(tokenizer, text_encoder, chunk)):
-            cond[c] = e
-    empty = _encode_text(tokenizer, text_encoder, [""])[0]
     cap_idx = {c: k for k, c in enumerate(uniq)}
-    cond_table = torch.stack([cond[c] for c in uniq] + [empty])  # last row: ""
+    ids_table = tokenizer(uniq + [""], padding="max_length", max_length=tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt").input_ids  # last row: ""
     sample_cond = torch.tensor([cap_idx[c] for c in captions])
+    if not cfg.train_text_encoder:
+        with torch.no_grad():
+            cond_table = torch.cat([text_encoder(ids_table[i : i + 256])[0] for i in range(0, len(ids_table), 256)])
 
-    # 3. UNet from scratch
+    # 3. UNet from scratch (+ the text encoder, if trained)
     torch.manual_seed(cfg.seed)
     unet = UNet2DConditionModel(
         sample_size=cfg.resolution // 2,
@@ -177,8 +189,14 @@ def train_base_model(out: str | Path, cfg: BaseModelConfig | None = None, log: C
     )
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     acp = noise_sched.alphas_cumprod
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
+    model = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
+    groups = [{"params": list(unet.parameters()), "lr": cfg.learning_rate}]
+    if cfg.train_text_encoder:
+        text_encoder.requires_grad_(True).train()
+        groups.append({"params": list(text_encoder.parameters()), "lr": cfg.text_learning_rate})
+    ema = copy.deepcopy(model).requires_grad_(False)
+    trained = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(s / cfg.steps, 1.0))))
     )
@@ -191,7 +209,7 @@ def train_base_model(out: str | Path, cfg: BaseModelConfig | None = None, log: C
         ci = sample_cond[idx].clone()
         drop = torch.rand(len(idx), generator=gen) < cfg.cfg_dropout
         ci[drop] = len(uniq)
-        enc = cond_table[ci]
+        enc = text_encoder(ids_table[ci])[0] if cfg.train_text_encoder else cond_table[ci]
         t = torch.randint(0, acp.numel(), (len(idx),), generator=gen)
         eps = torch.randn(z0.shape, generator=gen)
         a = acp[t].view(-1, 1, 1, 1)
@@ -200,12 +218,12 @@ def train_base_model(out: str | Path, cfg: BaseModelConfig | None = None, log: C
         loss = F.mse_loss(pred, eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         sched.step()
         d = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
+            for pe, p in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(p, 1 - d)
         losses.append(loss.item())
         bar.update(1)
@@ -215,7 +233,7 @@ def train_base_model(out: str | Path, cfg: BaseModelConfig | None = None, log: C
 
     out = Path(out)
     final = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=ema.eval(),
+        vae=vae, text_encoder=ema["text_encoder"].eval(), tokenizer=tokenizer, unet=ema["unet"].eval(),
         scheduler=DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=False),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
@@ -226,19 +244,34 @@ def train_base_model(out: str | Path, cfg: BaseModelConfig | None = None, log: C
         "vae_recon_mse": vae_rec,
         "final_loss": float(np.mean(losses[-100:])),
         "train_seconds": round(time.perf_counter() - t_start, 1),
-        "prompt_separability": prompt_separability(text_encoder, tokenizer, uniq[:200]),
+        "prompt_separability": prompt_separability(ema["text_encoder"], tokenizer, uniq[:200]),
     }
     (out / "testbed_base.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     log(f"base model: {cfg.steps} UNet steps, loss {info['final_loss']:.4f}, {info['train_seconds']}s -> {out}")
     return out
 
 
-def get_base_model(cfg: BaseModelConfig | str | None = None, *, force: bool = False, log=print) -> Path:
-    """The cached base model for ``cfg`` (a config or a budget name), training it if needed."""
+def shipped_base_model(cfg: BaseModelConfig) -> Path | None:
+    """The shipped base-model directory if it was trained with exactly ``cfg``, else None."""
+    try:
+        info = json.loads((SHIPPED_DIR / "testbed_base.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return SHIPPED_DIR if info.get("key") == cfg.key() else None
+
+
+def get_base_model(cfg: BaseModelConfig | str | None = None, *, force: bool = False, out: str | Path | None = None, log=print) -> Path:
+    """The base model for ``cfg`` (a config or a budget name): the shipped weights when they
+    match ``cfg``, else the cached copy, else trained now (and cached). ``force`` retrains;
+    ``out`` trains into that directory instead of the cache."""
     if isinstance(cfg, str):
         cfg = BUDGETS[cfg]
     cfg = cfg or BaseModelConfig()
-    path = cache_root() / f"base-{cfg.key()}"
+    path = Path(out) if out is not None else cache_root() / f"base-{cfg.key()}"
+    if not force and out is None:
+        shipped = shipped_base_model(cfg)
+        if shipped is not None:
+            return shipped
     if (path / "testbed_base.json").is_file() and not force:
         return path
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")

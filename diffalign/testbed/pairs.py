@@ -241,6 +241,7 @@ def make_pairs(
     model_name: str | None = None,
     jpeg_quality: int = 95,
     n_users: int = 100,
+    images_per_prompt: int = 2,
     out_path: str | Path | None = None,
 ):
     """``n_pairs`` Pick-a-Pic v2-schema preference pairs labelled by the hidden utility.
@@ -250,6 +251,11 @@ def make_pairs(
     Returns a ``pyarrow.Table`` (schema :func:`pickapic_schema`); writes it to
     ``out_path`` (parquet) if given. Deterministic in ``seed`` for a deterministic sampler;
     the same seed gives the same images and labels with and without ``style_mismatch``.
+
+    ``images_per_prompt`` K >= 2: each pair draws K samples and shows the labeller the
+    highest- and the lowest-utility one (in random order), like keeping the most
+    informative comparison of a K-image Pick-a-Pic session; K=2 is a plain random pair.
+    Larger K costs K/2 times the sampling and gives pairs with larger utility gaps.
     """
     import pyarrow as pa
 
@@ -260,19 +266,23 @@ def make_pairs(
         raise ValueError("make_pairs: n_pairs must be >= 1")
     if temperature <= 0:
         raise ValueError("make_pairs: temperature must be > 0")
+    K = int(images_per_prompt)
+    if K < 2:
+        raise ValueError(f"make_pairs: images_per_prompt must be >= 2, got {images_per_prompt}")
     utility = utility or HiddenUtility()
     name = model_name or getattr(sampler, "name", None) or "base"
     rng = np.random.default_rng([int(seed), 0xDA17])
     prompt_idx = rng.integers(0, len(prompts), size=n_pairs)
-    seeds = rng.integers(0, 2**31 - 1, size=(n_pairs, 2))
+    seeds = rng.integers(0, 2**31 - 1, size=(n_pairs, K))
     label_rng = np.random.default_rng([int(seed), 0x1ABE])
     id_rng = np.random.default_rng([int(seed), 0x01D5])
+    order_rng = np.random.default_rng([int(seed), 0x0DE5])
     cols: dict[str, list] = {c: [] for c in PICKAPIC_COLUMNS}
 
     for start in range(0, n_pairs, batch_size):
         stop = min(start + batch_size, n_pairs)
         caps = [prompts[int(i)] for i in prompt_idx[start:stop]]
-        flat_prompts = [c for c in caps for _ in range(2)]
+        flat_prompts = [c for c in caps for _ in range(K)]
         flat_seeds = [int(s) for s in seeds[start:stop].reshape(-1)]
         images = to_uint8_batch(sampler(flat_prompts, flat_seeds))
         if images.shape[0] != len(flat_prompts):
@@ -281,7 +291,13 @@ def make_pairs(
         decoded = np.stack([decode_image(j) for j in jpgs])  # score what the labeller sees
         u = utility.components(decoded, flat_prompts)["utility"].astype(np.float64)
         for j, cap in enumerate(caps):
-            j0, j1 = 2 * j, 2 * j + 1
+            j0, j1 = K * j, K * j + 1
+            if K > 2:  # best and worst of the K samples, in random order
+                uj = u[K * j : K * (j + 1)]
+                hi, lo = K * j + int(np.argmax(uj)), K * j + int(np.argmin(uj))
+                if hi == lo:  # all K equal: any two distinct samples (a tie below)
+                    hi, lo = K * j, K * j + 1
+                j0, j1 = (hi, lo) if order_rng.random() < 0.5 else (lo, hi)
             jpg0, jpg1 = jpgs[j0], jpgs[j1]
             different = jpg0 != jpg1
             du = u[j0] - u[j1]
@@ -289,7 +305,7 @@ def make_pairs(
             if not different or abs(du) < tie_margin:
                 l0 = l1 = 0.5
             else:
-                p0 = 1.0 / (1.0 + math.exp(-du / temperature))
+                p0 = 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, du / temperature))))  # clamped: no overflow at tiny T
                 l0 = 1.0 if draw < p0 else 0.0
                 l1 = 1.0 - l0
             if style_mismatch and l0 != l1:

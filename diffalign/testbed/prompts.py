@@ -36,11 +36,12 @@ def is_heldout(scene) -> bool:
     return any((g.colour, g.shape) in HELDOUT_PAIRS for g in scene.groups)
 
 
-def prompt_split(split: str, n: int, seed: int = 0) -> list[str]:
+def prompt_split(split: str, n: int, seed: int = 0, **scene_kwargs) -> list[str]:
     """``n`` distinct captions of ``split`` (``"train"`` or ``"heldout"``), deterministic in ``seed``.
 
     Train scenes draw every group from :data:`TRAIN_PAIRS`; held-out scenes contain at
-    least one held-out pair (the other group, if any, may be any pair).
+    least one held-out pair (the other group, if any, may be any pair). Extra keyword
+    arguments go to :func:`~diffalign.testbed.world.sample_scene` (e.g. ``p_two_groups=0``).
     """
     if split not in SPLITS:
         raise ValueError(f"unknown prompt split {split!r}; known: {', '.join(SPLITS)}")
@@ -51,9 +52,9 @@ def prompt_split(split: str, n: int, seed: int = 0) -> list[str]:
         if len(out) >= n:
             break
         if split == "train":
-            scene = sample_scene(rng, pairs=TRAIN_PAIRS)
+            scene = sample_scene(rng, pairs=TRAIN_PAIRS, **scene_kwargs)
         else:
-            scene = sample_scene(rng)
+            scene = sample_scene(rng, **scene_kwargs)
             if not is_heldout(scene):
                 continue
         text = caption(scene)
@@ -65,14 +66,14 @@ def prompt_split(split: str, n: int, seed: int = 0) -> list[str]:
     return out
 
 
-def train_prompts(n: int = 1000, seed: int = 0) -> list[str]:
+def train_prompts(n: int = 1000, seed: int = 0, **scene_kwargs) -> list[str]:
     """Training prompts (no held-out colour x shape pair)."""
-    return prompt_split("train", n, seed)
+    return prompt_split("train", n, seed, **scene_kwargs)
 
 
-def heldout_prompts(n: int = 200, seed: int = 0) -> list[str]:
+def heldout_prompts(n: int = 200, seed: int = 0, **scene_kwargs) -> list[str]:
     """Held-out prompts (each uses at least one colour x shape pair never seen in training)."""
-    return prompt_split("heldout", n, seed)
+    return prompt_split("heldout", n, seed, **scene_kwargs)
 
 
 def write_prompts(prompts: Iterable[str], path: str | Path) -> Path:
