@@ -12,7 +12,7 @@ def cmd_eval(args) -> int:
         model=args.model, prompts=args.prompts, rewards=args.reward or [], out=args.out, lora=args.lora,
         seeds=args.seeds, base_seed=args.base_seed, steps=args.steps, guidance=args.guidance,
         resolution=args.resolution, batch_size=args.batch_size, num_prompts=args.num_prompts,
-        label=args.label, device=args.device,
+        label=args.label, device=args.device, max_sequence_length=args.max_sequence_length,
     )
     summary = run_eval(cfg)
     print(f"eval {summary['label']}: {summary['n_images']} images in {summary['seconds']:.1f}s -> {args.out}")
@@ -47,6 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--label", default=None, help="name of this eval in reports (default: the out dir name)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--max-sequence-length", type=int, default=None,
+                   help="T5 tokens of SD3-family prompts (default: the pipeline's, 256; the testbed flow base uses 8)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="compare eval dirs (and training runs) in a report: diffalign compare DIR ... --out R")

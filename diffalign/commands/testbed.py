@@ -19,21 +19,28 @@ def cmd_testbed_base(args) -> int:
 def cmd_testbed_compare(args) -> int:
     from ..eval.testbed_job import run_testbed_compare
 
-    res = run_testbed_compare(args.out, budget=args.budget, methods=args.methods, force_base=args.force_base)
+    res = run_testbed_compare(args.out, budget=args.budget, methods=args.methods, force_base=args.force_base,
+                              seed=args.seed, workers=args.workers)
     failed = {k: v for k, v in res["status"].items() if v != "ok"}
     return 1 if failed and len(failed) == len(res["status"]) else 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("testbed-base", help="train (or show the cached) testbed base model")
-    p.add_argument("--budget", choices=["quick", "full"], default="full")
+    p.add_argument("--budget", choices=["quick", "quick_flow", "full", "full_flow"], default="full",
+                   help="full: the UNet base; full_flow: the flow-matching (SD3-layout) base; quick*: seconds-long smoke versions")
     p.add_argument("--force", action="store_true", help="retrain even if shipped or cached")
     p.add_argument("--out", default=None, help="train into this directory (default: the cache)")
     p.set_defaults(func=cmd_testbed_base)
 
     p = sub.add_parser("testbed-compare", help="base model -> pairs -> DPO/MaPO/SFT/GRPO -> eval -> report, on the testbed world")
-    p.add_argument("--out", required=True)
-    p.add_argument("--budget", choices=["quick", "full"], default="full")
-    p.add_argument("--methods", nargs="*", default=None, help="subset of: dpo mapo sft dpo_mismatch mapo_mismatch grpo mixgrpo dancegrpo (default: the budget's list)")
-    p.add_argument("--force-base", action="store_true", help="retrain the base model even if cached")
+    p.add_argument("--out", required=True, help="output directory (runs, evals, report/report.md)")
+    p.add_argument("--budget", choices=["quick", "full", "long"], default="full",
+                   help="quick: plumbing check (~1 min); full: the main job (<= 15 min on 2 cores); long: about an hour")
+    p.add_argument("--methods", nargs="*", default=None,
+                   help="subset of: dpo mapo sft dpo_mismatch mapo_mismatch grpo mixgrpo dancegrpo ddpo (default: the budget's list)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pairs, every training run and the eval noise (default 0)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes, one torch thread each (default: one per core, at most 4)")
+    p.add_argument("--force-base", action="store_true", help="retrain the base models even if shipped or cached")
     p.set_defaults(func=cmd_testbed_compare)

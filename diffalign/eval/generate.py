@@ -128,6 +128,9 @@ class EvalConfig:
     label: str | None = None
     device: str = "cpu"
     grid_prompts: int = 16
+    #: T5 tokens for SD3-family prompts (None: the pipeline's default, 256); the testbed's
+    #: flow base has no T5 and was trained with 8 zero tokens
+    max_sequence_length: int | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -161,7 +164,8 @@ def load_pipeline(model: str, lora: str | None = None, device: str = "cpu"):
     return pipe
 
 
-def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance: float, resolution: int | None, device: str = "cpu"):
+def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance: float, resolution: int | None,
+             device: str = "cpu", max_sequence_length: int | None = None):
     """Float tensor ``[B, 3, H, W]`` in [0, 1]; one generator per image."""
     import torch
 
@@ -169,6 +173,8 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, 
     kwargs = {}
     if resolution:
         kwargs.update(height=int(resolution), width=int(resolution))
+    if max_sequence_length:
+        kwargs.update(max_sequence_length=int(max_sequence_length))
     with torch.inference_mode():
         out = pipe(prompt=list(prompts), num_inference_steps=int(steps), guidance_scale=float(guidance),
                    generator=gens, output_type="pt", **kwargs)
@@ -248,7 +254,7 @@ def run_eval(cfg: EvalConfig, pipe=None, prompts: list[str] | None = None) -> di
         batch = items[start : start + cfg.batch_size]
         caps = [b[1] for b in batch]
         images = generate(pipe, caps, [b[2] for b in batch], steps=cfg.steps, guidance=cfg.guidance,
-                          resolution=cfg.resolution, device=cfg.device)
+                          resolution=cfg.resolution, device=cfg.device, max_sequence_length=cfg.max_sequence_length)
         batch_rows = []
         for (pi, p, s), img in zip(batch, images):
             rel = Path("images") / f"{pi:04d}_{s}.png"

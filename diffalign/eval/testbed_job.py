@@ -1,28 +1,72 @@
 """``diffalign testbed-compare``: the end-to-end alignment comparison on the testbed world.
 
-1. train (or load the cached) base model (:mod:`diffalign.testbed.base_model`);
-2. sample the base model on train prompts and label pairs with the hidden utility
-   (:func:`diffalign.testbed.make_pairs`): ``pairs/`` (normal) and ``pairs_mismatch/``
-   (chosen images restyled to the target style; same images and labels);
-3. train DPO, MaPO, SFT on the normal pairs, DPO and MaPO on the mismatch pairs, and GRPO
-   on the ``testbed`` reward over the full trajectory and in a sliding window (MixGRPO);
-   DanceGRPO on request;
-4. ``eval`` the base and every run on held-out prompts with ``testbed`` and ``testbed_style``;
-5. ``compare`` them into ``report/``.
+1. the two shipped (or cached, or freshly trained) base models
+   (:mod:`diffalign.testbed.base_model`): a UNet (``sd15`` family, epsilon prediction) for
+   the offline pair methods and DDPO, and an SD3-layout MMDiT trained with rectified flow
+   for the flow-matching online methods (Flow-GRPO, MixGRPO, DanceGRPO), as their papers use;
+2. three prompt sets (:func:`diffalign.testbed.prompts.job_prompt_splits`): ``train`` (pairs
+   and rollouts), ``indist`` (the primary evaluation: same distribution, scenes never used for
+   pairs or rollouts) and ``compositional`` (held-out colour x shape pairs);
+3. pairs sampled from the UNet base on train prompts and labelled with the hidden utility
+   (:func:`diffalign.testbed.make_pairs`): ``pairs/`` and ``pairs_mismatch/`` (chosen images
+   restyled to the full warm target style, MaPO's reference-mismatch setting);
+4. the methods of the budget (:data:`METHODS`), each judged on its *target* reward: the hidden
+   utility ``testbed_style`` for pair methods, the verifiable ``testbed`` reward for online ones;
+5. ``eval`` of each base and each run on both splits with shared seeds, and a report:
+   ``report/report.md`` (+ HTML) with the headline table, DPO - SFT, the GRPO training-reward
+   slope, reward against wall-clock, and one detailed ``compare`` report per base and split.
 
-Budgets (``quick``, ``full``) are in ``configs/testbed/job.yaml``.
+Work runs in ``workers`` processes with one torch thread each (a tiny model gains little from
+a second thread, and one thread per process cannot be oversubscribed by a busy neighbour);
+tasks start as soon as what they read exists, longest first. Budgets (``quick``, ``full``,
+``long``) are in ``diffalign/testbed/configs/job.yaml``; ``--seed`` changes the pairs, every
+training seed and the eval noise, never the prompt sets.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "testbed"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "testbed" / "configs"
+REWARDS = ("testbed", "testbed_style")
+SPLITS = ("indist", "compositional")
+
+
+@dataclass(frozen=True)
+class JobMethod:
+    """A method of the job: its training config, which base it starts from, what it reads
+    and the reward it is judged on."""
+
+    config: str  # a file in CONFIG_DIR
+    base: str  # "unet" | "flow"
+    data: str  # "pairs" | "pairs_mismatch" | "prompts"
+    target: str  # "testbed_style" (pair methods) | "testbed" (online methods)
+
+    @property
+    def online(self) -> bool:
+        return self.data == "prompts"
+
+
+METHODS: dict[str, JobMethod] = {
+    "dpo": JobMethod("dpo.yaml", "unet", "pairs", "testbed_style"),
+    "mapo": JobMethod("mapo.yaml", "unet", "pairs", "testbed_style"),
+    "sft": JobMethod("sft.yaml", "unet", "pairs", "testbed_style"),
+    "dpo_mismatch": JobMethod("dpo.yaml", "unet", "pairs_mismatch", "testbed_style"),
+    "mapo_mismatch": JobMethod("mapo.yaml", "unet", "pairs_mismatch", "testbed_style"),
+    "grpo": JobMethod("grpo.yaml", "flow", "prompts", "testbed"),  # Flow-GRPO (Flow-SDE, every step)
+    "mixgrpo": JobMethod("mixgrpo.yaml", "flow", "prompts", "testbed"),  # sliding SDE window, ODE elsewhere
+    "dancegrpo": JobMethod("dancegrpo.yaml", "flow", "prompts", "testbed"),
+    "ddpo": JobMethod("grpo.yaml", "unet", "prompts", "testbed"),  # DDIM-eta GRPO on the UNet base
+}
 
 
 class CachingSampler:
@@ -56,17 +100,83 @@ def load_budget(budget: str, config_dir: Path = CONFIG_DIR) -> dict:
     return budgets[budget]
 
 
-def grpo_available() -> bool:
-    try:
-        from ..trainers import CONFIG_CLASSES
+def cpu_plan(workers: int | None = None) -> tuple[int, str]:
+    """How many worker processes to run (one torch thread each), and a line saying why."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if workers is not None:
+        return max(1, int(workers)), f"{workers} worker process(es) x 1 torch thread (--workers)"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    n = max(1, min(cores, 4))
+    why = f"{n} worker process(es) x 1 torch thread on {cores} core(s)"
+    if load > 0.5:
+        why += (f"; load average {load:.1f}: another process is busy on these cores, so this run will be slower "
+                "(one torch thread per process keeps it from collapsing; --workers 1 leaves a core to the neighbour)")
+    return n, why
 
-        return "grpo" in CONFIG_CLASSES
-    except Exception:
-        return False
+
+# ------------------------------------------------------------------------------------ worker tasks
+# Top-level functions: they run in spawned worker processes (see ``_init_worker``).
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("TQDM_MININTERVAL", "10")
+
+
+@contextlib.contextmanager
+def _logged(log_path: str):
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        yield
+
+
+def _task(fn, log_path: str, *args) -> dict:
+    """Run ``fn(*args)`` with its output in ``log_path``; never raises (one failure must not sink the job)."""
+    t0 = time.perf_counter()
+    try:
+        with _logged(log_path):
+            value = fn(*args)
+        return {"ok": True, "seconds": time.perf_counter() - t0, "value": value}
+    except BaseException as e:  # noqa: BLE001 - reported as the task's status
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(traceback.format_exc())
+        return {"ok": False, "seconds": time.perf_counter() - t0, "error": f"{type(e).__name__}: {e}"}
+
+
+def _make_pairs(base: str, prompts: list[str], n_pairs: int, seed: int, out_dir: str, b: dict) -> int:
+    from ..testbed import make_pairs
+    from ..testbed.base_model import PipelineSampler
+    from .generate import load_pipeline
+
+    sampler = CachingSampler(PipelineSampler(load_pipeline(base), steps=int(b["pair_steps"]), guidance=float(b["pair_guidance"]),
+                                             name="testbed-base"))
+    for variant, mismatch in (("pairs", False), ("pairs_mismatch", True)):
+        make_pairs(sampler, prompts, n_pairs, seed=seed, style_mismatch=mismatch, tie_margin=float(b.get("tie_margin", 0.05)),
+                   images_per_prompt=int(b.get("images_per_prompt", 2)), out_path=Path(out_dir) / variant / f"train-{seed}.parquet")
+    return n_pairs
+
+
+def _train(config_file: str, overrides: list[str]) -> dict:
+    from ..config import load_config
+    from ..trainers import train
+
+    cfg = load_config(config_file, overrides)
+    if _finished(Path(cfg.output_dir), cfg):
+        return {"reused": True}
+    train(cfg)
+    return {"reused": False}
+
+
+def _eval(kwargs: dict) -> dict:
+    from .generate import EvalConfig, run_eval
+
+    return run_eval(EvalConfig(**kwargs))
 
 
 def _finished(run_dir: Path, cfg) -> bool:
-    """A run of exactly this config already finished in ``run_dir`` (so a re-run resumes)."""
+    """A run of exactly this config already finished in ``run_dir`` (so a re-run reuses it)."""
     import yaml
 
     from ..config import to_dict
@@ -78,110 +188,156 @@ def _finished(run_dir: Path, cfg) -> bool:
     return (run_dir / "final_state.json").is_file() and saved == yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def run_testbed_compare(out: str, budget: str = "quick", methods: list[str] | None = None, force_base: bool = False, log=print) -> dict:
-    from tqdm.auto import tqdm
+# ------------------------------------------------------------------------------------ scheduling
+@dataclass
+class Task:
+    name: str
+    fn: object
+    args: tuple
+    deps: tuple[str, ...] = ()
+    weight: float = 1.0  # expected cost: heavier tasks start first
+    result: dict | None = None
+    log: str = ""
 
-    from ..config import load_config
-    from ..testbed import heldout_prompts, make_pairs, train_prompts, write_prompts
-    from ..testbed.base_model import BUDGETS, PipelineSampler, get_base_model
-    from ..trainers import train
-    from .compare import compare
-    from .generate import EvalConfig, load_pipeline, run_eval
+
+@dataclass
+class Scheduler:
+    """Run tasks in a process pool as soon as their dependencies finished, heaviest first."""
+
+    workers: int
+    tasks: dict[str, Task] = field(default_factory=dict)
+
+    def add(self, task: Task) -> None:
+        self.tasks[task.name] = task
+
+    def run(self, log) -> None:
+        import multiprocessing as mp
+
+        from tqdm.auto import tqdm
+
+        done: set[str] = set()
+        running: dict = {}
+        bar = tqdm(total=len(self.tasks), desc="testbed-compare", unit="task", leave=True)
+        with ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker) as pool:
+            while len(done) < len(self.tasks):
+                blocked = [t for t in self.tasks.values() if t.name not in done and t.name not in running.values()]
+                failed_deps = [t for t in blocked if any(self.tasks[d].result and not self.tasks[d].result["ok"] for d in t.deps)]
+                for t in failed_deps:
+                    t.result = {"ok": False, "seconds": 0.0, "error": "skipped: " + ", ".join(
+                        d for d in t.deps if not self.tasks[d].result["ok"]) + " failed"}
+                    done.add(t.name)
+                    bar.update(1)
+                ready = sorted((t for t in blocked if t not in failed_deps and all(d in done for d in t.deps)), key=lambda t: -t.weight)
+                for t in ready[: max(0, self.workers - len(running))]:
+                    running[pool.submit(_task, t.fn, t.log, *t.args)] = t.name
+                if not running:
+                    continue
+                finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    t = self.tasks[running.pop(fut)]
+                    t.result = fut.result()
+                    done.add(t.name)
+                    bar.update(1)
+                    state = "ok" if t.result["ok"] else f"FAILED ({t.result['error']}; log: {t.log})"
+                    log(f"[testbed-compare] {t.name}: {state} in {t.result['seconds']:.0f}s")
+                bar.set_postfix_str(", ".join(running.values())[:60])
+        bar.close()
+
+
+# ------------------------------------------------------------------------------------ the job
+def run_testbed_compare(out: str, budget: str = "quick", methods: list[str] | None = None, force_base: bool = False,
+                        seed: int = 0, workers: int | None = None, log=print) -> dict:
+    from ..testbed import write_prompts
+    from ..testbed.base_model import BUDGETS, get_base_model
+    from ..testbed.prompts import job_prompt_splits
+    from .report import write_testbed_report
 
     b = load_budget(budget)
+    wanted = list(methods or b.get("methods") or [])
+    unknown = [m for m in wanted if m not in METHODS]
+    if unknown:  # before any work
+        raise UserError(f"--methods: unknown {', '.join(unknown)}; available: {', '.join(METHODS)}")
     out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    times: dict[str, float] = {}
+    n_workers, why = cpu_plan(workers)
+    log(f"[testbed-compare] budget {budget}, seed {seed}: {why}")
     t_all = time.perf_counter()
 
-    # 1. base
+    # 1. bases (shipped, cached or trained now) and 2. prompt sets
     t0 = time.perf_counter()
-    base = str(get_base_model(b["base"], force=force_base, log=log))
-    times["base"] = time.perf_counter() - t0
-    log(f"[testbed-compare] base model: {base} ({times['base']:.0f}s)")
+    bases = {"unet": str(get_base_model(b["base"], force=force_base, log=log)),
+             "flow": str(get_base_model(b["flow_base"], force=force_base, log=log))}
+    flow_tokens = BUDGETS[b["flow_base"]].max_sequence_length
+    base_seconds = time.perf_counter() - t0
+    log(f"[testbed-compare] bases: UNet {bases['unet']}, flow {bases['flow']} ({base_seconds:.0f}s)")
+    scene = BUDGETS[b["base"]].scene  # prompts from the world the bases were trained on
+    splits = job_prompt_splits(int(b["n_train_prompts"]), int(b["indist_prompts"]), int(b["compositional_prompts"]), **scene)
+    files = {k: str(write_prompts(v, out_dir / "prompts" / f"{k}.txt")) for k, v in splits.items()}
+    files["eval_subset"] = str(write_prompts(splits["indist"][: int(b.get("curve_prompts", 16))], out_dir / "prompts" / "eval_subset.txt"))
 
-    # 2. prompts + pairs
-    t0 = time.perf_counter()
-    scene = BUDGETS[b["base"]].scene  # prompts from the world the base was trained on
-    train_p = train_prompts(int(b["n_train_prompts"]), **scene)
-    held_p = heldout_prompts(int(b["eval_prompts"]), **scene)
-    train_file = write_prompts(train_p, out_dir / "prompts" / "train.txt")
-    held_file = write_prompts(held_p, out_dir / "prompts" / "heldout.txt")
-    pipe = load_pipeline(base)
-    sampler = CachingSampler(PipelineSampler(pipe, steps=int(b["pair_steps"]), guidance=float(b["pair_guidance"]), name="testbed-base"))
-    pairs = {}
-    for variant, mismatch in (("pairs", False), ("pairs_mismatch", True)):
-        path = out_dir / "data" / variant / "train.parquet"
-        if not path.is_file():
-            make_pairs(sampler, train_p, int(b["n_pairs"]), seed=0, style_mismatch=mismatch, out_path=path,
-                       tie_margin=float(b.get("tie_margin", 0.05)), images_per_prompt=int(b.get("images_per_prompt", 2)))
-        pairs[variant] = str(path.parent)
-    times["pairs"] = time.perf_counter() - t0
-    log(f"[testbed-compare] pairs: {b['n_pairs']} x 2 variants ({times['pairs']:.0f}s)")
+    sched = Scheduler(n_workers)
+    logs = out_dir / "logs"
+    # 3. pairs, in ``workers`` shards (different pair seeds, one parquet file each)
+    need_pairs = any(not METHODS[m].online for m in wanted)
+    n_shards = max(1, min(n_workers, 4)) if need_pairs else 0
+    per_shard = -(-int(b["n_pairs"]) // max(n_shards, 1))
+    for k in range(n_shards):
+        sched.add(Task(f"pairs{k}", _make_pairs, (bases["unet"], splits["train"], per_shard, 1000 * seed + k, str(out_dir / "data"), b),
+                       weight=per_shard * int(b.get("images_per_prompt", 2)) / 40, log=str(logs / f"pairs{k}.log")))
+    pair_tasks = tuple(f"pairs{k}" for k in range(n_shards))
 
-    # 3. runs: name -> (config, overrides); the budget adds its overrides per kind and per name
-    pair_ov = [str(o) for o in b.get("pair_overrides", [])]
-    grpo_ov = [f"data={train_file}", *[str(o) for o in b.get("grpo_overrides", [])]]
-    plan: dict[str, tuple[str, list[str]]] = {
-        "dpo": ("dpo.yaml", [f"data={pairs['pairs']}", *pair_ov]),
-        "mapo": ("mapo.yaml", [f"data={pairs['pairs']}", *pair_ov]),
-        "sft": ("sft.yaml", [f"data={pairs['pairs']}", *pair_ov]),
-        "dpo_mismatch": ("dpo.yaml", [f"data={pairs['pairs_mismatch']}", *pair_ov]),
-        "mapo_mismatch": ("mapo.yaml", [f"data={pairs['pairs_mismatch']}", *pair_ov]),
-    }
-    if grpo_available():
-        for name in ("grpo", "mixgrpo", "dancegrpo"):
-            plan[name] = (f"{name}.yaml", list(grpo_ov))
-    for name, extra in (b.get("method_overrides") or {}).items():
-        if name in plan:
-            plan[name][1].extend(str(o) for o in extra)
-    wanted = methods or b.get("methods") or list(plan)
-    unknown = [m for m in wanted if m not in plan]
-    if unknown:
-        raise UserError(f"methods: unknown {', '.join(unknown)}; available: {', '.join(plan)}")
-    plan = {k: plan[k] for k in wanted}
-    status: dict[str, str] = {}
-    for name, (cfg_file, overrides) in tqdm(list(plan.items()), desc="testbed-compare: train", leave=True):
+    # 4. training runs
+    common_ov = [f"seed={seed}"]
+    for name in wanted:
+        m = METHODS[name]
         run_dir = out_dir / "runs" / name
-        t0 = time.perf_counter()
-        try:
-            cfg = load_config(CONFIG_DIR / cfg_file, [f"model={base}", f"output_dir={run_dir}", *overrides])
-            if _finished(run_dir, cfg):
-                log(f"[testbed-compare] {name}: reusing the finished run in {run_dir}")
-            else:
-                train(cfg)
-            status[name] = "ok"
-        except Exception as e:  # one failing method must not sink the comparison
-            status[name] = f"failed: {type(e).__name__}: {e}"
-            (out_dir / "runs").mkdir(exist_ok=True)
-            (out_dir / "runs" / f"{name}.error.txt").write_text(traceback.format_exc())
-            log(f"[testbed-compare] {name} failed: {type(e).__name__}: {e}")
-        times[f"train_{name}"] = time.perf_counter() - t0
+        kind_ov = b.get("grpo_overrides" if m.online else "pair_overrides") or []
+        if m.online:
+            data_ov = [f"data={files['train']}", f"eval.data={files['eval_subset']}"]
+            if m.base == "flow":
+                data_ov.append(f"model_opts.max_sequence_length={flow_tokens}")
+        else:
+            data_ov = [f"data={out_dir / 'data' / m.data}"]
+        overrides = [f"model={bases[m.base]}", f"output_dir={run_dir}", *data_ov, *common_ov,
+                     *map(str, kind_ov), *map(str, (b.get("method_overrides") or {}).get(name, []))]
+        sched.add(Task(f"train:{name}", _train, (str(CONFIG_DIR / m.config), overrides), deps=() if m.online else pair_tasks,
+                       weight=float(b.get("weights", {}).get(name, 30 if m.online else 10)), log=str(run_dir.with_suffix(".log"))))
 
-    # 4. eval
-    evals = []
-    common = dict(prompts=str(held_file), rewards=["testbed", "testbed_style"], seeds=int(b["eval_seeds"]),
-                  steps=int(b["eval_steps"]), guidance=float(b["eval_guidance"]))
-    todo = [("base", None)] + [(n, str(out_dir / "runs" / n)) for n, s in status.items() if s == "ok"]
-    for name, lora in tqdm(todo, desc="testbed-compare: eval", leave=True):
-        t0 = time.perf_counter()
-        ev_dir = out_dir / "eval" / name
-        try:
-            run_eval(EvalConfig(model=base, lora=lora, out=str(ev_dir), label=name, **common))
-            evals.append(str(ev_dir))
-        except Exception as e:
-            if name == "base":
-                raise
-            status[name] = f"eval failed: {type(e).__name__}: {e}"
-            log(f"[testbed-compare] eval of {name} failed: {type(e).__name__}: {e}")
-        times[f"eval_{name}"] = time.perf_counter() - t0
+    # 5. evals: each base and each run on both splits, shared seeds
+    eval_common = dict(rewards=list(REWARDS), seeds=0, base_seed=10_000 + seed, steps=int(b["eval_steps"]),
+                       guidance=float(b["eval_guidance"]), batch_size=32, grid_prompts=8)
+    base_kinds = sorted({METHODS[m].base for m in wanted})
+    evals: dict[tuple[str, str], str] = {}
+    for split in SPLITS:
+        seeds = int(b[f"{split}_seeds"])
+        for who in [f"base_{k}" for k in base_kinds] + wanted:
+            kind = who[5:] if who.startswith("base_") else METHODS[who].base
+            ev_dir = out_dir / "eval" / split / who
+            kw = {**eval_common, "seeds": seeds, "model": bases[kind], "prompts": files[split], "out": str(ev_dir),
+                  "label": who, "lora": None if who.startswith("base_") else str(out_dir / "runs" / who),
+                  "max_sequence_length": flow_tokens if kind == "flow" else None}
+            n_img = len(splits[split]) * seeds
+            sched.add(Task(f"eval:{split}:{who}", _eval, (kw,), deps=() if who.startswith("base_") else (f"train:{who}",),
+                           weight=n_img / 100, log=str(ev_dir.with_suffix(".log"))))
+            evals[(split, who)] = str(ev_dir)
 
-    # 5. report
-    res = compare(evals, str(out_dir / "report"), base="base")
-    times["total"] = time.perf_counter() - t_all
-    summary = {"budget": budget, "base_model": base, "status": status, "seconds": {k: round(v, 1) for k, v in times.items()},
-               "table": res["rows"]}
-    (out_dir / "testbed_compare.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    log(res["table_md"])
-    log(f"[testbed-compare] report: {res['report_md']} ({times['total']:.0f}s total)")
+    sched.run(log)
+    seconds = {"bases": base_seconds, **{t.name: t.result["seconds"] for t in sched.tasks.values()}}
+    seconds["total"] = time.perf_counter() - t_all
+    status = {name: ("ok" if sched.tasks[f"train:{name}"].result["ok"] else sched.tasks[f"train:{name}"].result["error"])
+              for name in wanted}
+
+    # 6. report
+    ok_evals = {k: v for k, v in evals.items() if sched.tasks[f"eval:{k[0]}:{k[1]}"].result["ok"]}
+    res = write_testbed_report(out_dir / "report", budget=budget, seed=seed, methods={n: METHODS[n] for n in wanted},
+                               evals=ok_evals, runs={n: out_dir / "runs" / n for n in wanted if status[n] == "ok"},
+                               seconds=seconds, status=status, plumbing=bool(b.get("plumbing", False)), why_cpu=why)
+    summary = {"budget": budget, "seed": seed, "bases": bases, "status": status,
+               "seconds": {k: round(v, 1) for k, v in seconds.items()}, "headline": res["headline"]}
+    (out_dir / "testbed_compare.json").write_text(json.dumps(summary, indent=2, default=float), encoding="utf-8")
+    log(res["headline_md"])
+    log(f"[testbed-compare] report: {res['report_md']} ({seconds['total']:.0f}s total)")
     return summary
+

@@ -52,6 +52,9 @@ def load_adapter(model: str, opts=None, dtype: torch.dtype = torch.float32, devi
     name = detect_family(model, opts.revision)
     adapter_cls, pipe_cls_name, extra = FAMILIES[name]
     kwargs = dict(extra)
+    # components saved as absent ([null, null], e.g. SD3 without its T5 encoder) load as None
+    index = diffusers.DiffusionPipeline.load_config(model, revision=opts.revision)
+    kwargs.update({k: None for k, v in index.items() if isinstance(v, list) and v == [None, None] and k not in kwargs})
     if opts.vae:
         kwargs["vae"] = diffusers.AutoencoderKL.from_pretrained(opts.vae, torch_dtype=dtype)
     pipe = getattr(diffusers, pipe_cls_name).from_pretrained(

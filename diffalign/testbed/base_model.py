@@ -36,11 +36,16 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-BASE_MODEL_VERSION = 2
+BASE_MODEL_VERSION = 3
+
+#: Base-model families: ``sd15`` (UNet, epsilon prediction, DDIM sampler) and ``sd3`` (an
+#: SD3-layout MMDiT trained with rectified flow, Euler flow-matching sampler).
+FAMILIES = ("sd15", "sd3")
 
 
 @dataclass
 class BaseModelConfig:
+    family: str = "sd15"
     n_train: int = 4000
     resolution: int = 32
     steps: int = 800
@@ -49,20 +54,31 @@ class BaseModelConfig:
     learning_rate: float = 1.5e-3
     vae_learning_rate: float = 2e-3
     warmup_steps: int = 100
+    #: UNet widths (sd15); the MMDiT (sd3) uses ``dit_layers`` x ``dit_width``.
     block_out_channels: tuple[int, ...] = (32, 64)
     layers_per_block: int = 1
+    dit_layers: int = 4
+    dit_width: int = 64
+    #: VAE encoder/decoder widths (two blocks: 2x spatial compression).
+    vae_channels: tuple[int, ...] = (8, 16)
     cfg_dropout: float = 0.1
     ema_decay: float = 0.99
     exclude_heldout: bool = True
     train_text_encoder: bool = False
     text_learning_rate: float = 5e-4
+    #: background style of the training images (:data:`~diffalign.testbed.world.STYLES`)
+    style: str = "plain"
     #: :func:`~diffalign.testbed.world.sample_scene` keyword arguments of the training scenes
     scene: dict = field(default_factory=dict)
+    #: T5 tokens of the (absent) third SD3 text encoder: zeros the MMDiT attends to. Every
+    #: caller of an sd3 testbed base passes the same ``max_sequence_length``.
+    max_sequence_length: int = 8
     seed: int = 0
 
     def key(self) -> str:
         d = asdict(self)
         d["block_out_channels"] = list(self.block_out_channels)
+        d["vae_channels"] = list(self.vae_channels)
         d["version"] = BASE_MODEL_VERSION
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -73,13 +89,20 @@ JOB_SCENE: dict = {"p_two_groups": 0.0}
 
 BUDGETS: dict[str, BaseModelConfig] = {
     "quick": BaseModelConfig(n_train=256, steps=40, vae_steps=40, batch_size=8, warmup_steps=5,
-                             train_text_encoder=True, scene=JOB_SCENE),
-    "full": BaseModelConfig(n_train=20000, steps=6000, train_text_encoder=True, scene=JOB_SCENE),
+                             train_text_encoder=True, scene=JOB_SCENE, style="tinted"),
+    "quick_flow": BaseModelConfig(family="sd3", n_train=256, steps=40, vae_steps=40, batch_size=8, warmup_steps=5,
+                                  train_text_encoder=True, scene=JOB_SCENE, style="tinted"),
+    "full": BaseModelConfig(n_train=20000, steps=3000, vae_steps=1200, vae_channels=(16, 32), learning_rate=2e-3,
+                            train_text_encoder=True, scene=JOB_SCENE, style="tinted"),
+    "full_flow": BaseModelConfig(family="sd3", n_train=20000, steps=3000, vae_steps=1200, vae_channels=(16, 32), dit_layers=6,
+                                 learning_rate=1e-3, train_text_encoder=True, scene=JOB_SCENE, style="tinted"),
 }
 
-#: The trained ``full`` base, shipped with the package (reproduce it with
+#: The trained ``full`` / ``full_flow`` bases, shipped with the package (reproduce one with
 #: ``diffalign testbed-base --budget full --force --out diffalign/testbed/assets/base``).
-SHIPPED_DIR = Path(__file__).resolve().parent / "assets" / "base"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+SHIPPED_DIRS: dict[str, Path] = {"full": ASSETS_DIR / "base", "full_flow": ASSETS_DIR / "base_flow"}
+SHIPPED_DIR = SHIPPED_DIRS["full"]
 
 
 def cache_root() -> Path:
@@ -113,109 +136,224 @@ def prompt_separability(text_encoder, tokenizer, prompts: Sequence[str]) -> dict
     return {"min_dist": float(v.min()), "mean_dist": float(v.mean()), "identical_pairs": int((v < 1e-6).sum())}
 
 
-def train_base_model(out: str | Path, cfg: BaseModelConfig | None = None, log: Callable[[str], None] | None = print) -> Path:
-    """Train the base model and save the pipeline to ``out`` (see the module docstring)."""
+def warmup_cosine(total: int, warmup: int, floor: float = 0.0) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine from 1 to ``floor``."""
+
+    def f(step: int) -> float:
+        w = min(1.0, (step + 1) / max(warmup, 1))
+        return w * (floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * min(step / max(total, 1), 1.0))))
+
+    return f
+
+
+def _build_vae(cfg: BaseModelConfig):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_channels),
+        block_out_channels=tuple(cfg.vae_channels), layers_per_block=1,
+        norm_num_groups=8, latent_channels=4, sample_size=cfg.resolution,
+    )
+    import torch
+
+    with torch.no_grad():  # a near-deterministic encoder: log-variance pinned at -12
+        vae.quant_conv.weight[4:] = 0.0
+        vae.quant_conv.bias[4:] = -12.0
+    return vae
+
+
+def _train_vae(vae, x, cfg: BaseModelConfig, gen, log):
+    """Fit the VAE as an autoencoder on images ``x`` in [-1, 1]; set its latent scale (and
+    shift, for sd3) so training latents have zero mean / unit std. Returns the scaled latents."""
     import torch
     import torch.nn.functional as F
-    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    from ..models.tiny import TINY_TEXT_DIM, build_sd15
-    from .training import make_training_set
-
-    cfg = cfg or BaseModelConfig()
-    log = log or (lambda s: None)
-    t_start = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        build_sd15(Path(tmp) / "tiny", seed=cfg.seed)
-        pipe = StableDiffusionPipeline.from_pretrained(Path(tmp) / "tiny", safety_checker=None, requires_safety_checker=False)
-    vae, text_encoder, tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
-    text_encoder.requires_grad_(False).eval()
-
-    samples = make_training_set(cfg.n_train, cfg.resolution, cfg.seed, exclude_heldout=cfg.exclude_heldout, **cfg.scene)
-    captions = [c for c, _ in samples]
-    x = torch.from_numpy(np.stack([im for _, im in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-    # 1. VAE as an autoencoder (posterior mean; the log-variance stays pinned by quant_conv)
     vae.train()
     params = [p for n, p in vae.named_parameters() if not n.startswith("quant_conv")]
     opt = torch.optim.AdamW(params, lr=cfg.vae_learning_rate, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.vae_steps, 20))
     bar = _progress(cfg.vae_steps, "testbed base: VAE")
-    for step in range(cfg.vae_steps):
-        idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
-        xb = x[idx]
+    for _ in range(cfg.vae_steps):
+        xb = x[torch.randint(0, len(x), (cfg.batch_size,), generator=gen)]
         z = vae.encode(xb).latent_dist.mean
-        rec = vae.decode(z).sample
-        loss = F.mse_loss(rec, xb) + 1e-4 * z.pow(2).mean()
+        loss = F.mse_loss(vae.decode(z).sample, xb) + 1e-4 * z.pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         lat = torch.cat([vae.encode(x[i : i + 256]).latent_dist.mean for i in range(0, len(x), 256)])
-        vae_rec = F.mse_loss(vae.decode(lat[:64]).sample, x[:64]).item()
-    scale = 1.0 / float(lat.std())
-    vae.register_to_config(scaling_factor=scale)
-    lat = lat * scale
-    log(f"VAE: recon mse {vae_rec:.4f}, scaling_factor {scale:.3f}")
+        rec = F.mse_loss(vae.decode(lat[:256]).sample, x[:256]).item()
+    shift = float(lat.mean()) if cfg.family == "sd3" else None
+    scale = 1.0 / float((lat - (shift or 0.0)).std())
+    vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+    log(f"VAE: recon mse {rec:.4f}, scaling_factor {scale:.3f}")
+    return (lat - (shift or 0.0)) * scale, rec
 
-    # 2. captions -> token ids (and, for a frozen encoder, embeddings) once per unique caption
+
+class _UNetBase:
+    """sd15 family: epsilon prediction on SD1.5's noise schedule, DDIM sampler."""
+
+    def __init__(self, cfg: BaseModelConfig, template):
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+
+        from ..models.tiny import TINY_TEXT_DIM
+
+        self.cfg, self.template = cfg, template
+        self.net = UNet2DConditionModel(
+            sample_size=cfg.resolution // 2, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+            cross_attention_dim=TINY_TEXT_DIM, attention_head_dim=8, norm_num_groups=16,
+        )
+        self.acp = DDPMScheduler.from_config(template.scheduler.config).alphas_cumprod
+        self.text_encoders = [template.text_encoder]
+
+    def cond(self, encoders, ids):
+        return {"encoder_hidden_states": encoders[0](ids)[0]}
+
+    def loss(self, z0, cond, gen):
+        import torch
+        import torch.nn.functional as F
+
+        t = torch.randint(0, self.acp.numel(), (len(z0),), generator=gen)
+        eps = torch.randn(z0.shape, generator=gen)
+        a = self.acp[t].view(-1, 1, 1, 1)
+        pred = self.net(a.sqrt() * z0 + (1 - a).sqrt() * eps, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+        return F.mse_loss(pred, eps)
+
+    def pipeline(self, vae, encoders, net):
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            vae=vae, text_encoder=encoders[0], tokenizer=self.template.tokenizer, unet=net,
+            scheduler=DDIMScheduler.from_config(self.template.scheduler.config, set_alpha_to_one=False),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+
+
+class _FlowBase:
+    """sd3 family: an SD3-layout MMDiT (two CLIP text encoders, no T5), rectified flow
+    ``x_t = (1 - s) x_0 + s * noise`` with velocity target ``noise - x_0`` and logit-normal
+    ``s`` (SD3's training density), Euler flow-matching sampler (shift 1: 16x16 latents)."""
+
+    def __init__(self, cfg: BaseModelConfig, template):
+        import torch
+        from diffusers import SD3Transformer2DModel
+        from transformers import CLIPTextModelWithProjection
+
+        from ..models.tiny import TINY_TEXT_DIM, _tiny_clip_text_config
+
+        self.cfg, self.template = cfg, template
+        heads = max(1, cfg.dit_width // 16)
+        self.net = SD3Transformer2DModel(
+            sample_size=cfg.resolution // 2, patch_size=2, in_channels=4, out_channels=4,
+            num_layers=cfg.dit_layers, attention_head_dim=cfg.dit_width // heads, num_attention_heads=heads,
+            joint_attention_dim=2 * TINY_TEXT_DIM, caption_projection_dim=cfg.dit_width,
+            pooled_projection_dim=2 * TINY_TEXT_DIM, pos_embed_max_size=cfg.resolution // 2,
+        )
+        torch.manual_seed(cfg.seed + 1)
+        self.text_encoders = [CLIPTextModelWithProjection(_tiny_clip_text_config()) for _ in range(2)]
+        self.tokenizer = template.tokenizer
+
+    def cond(self, encoders, ids):
+        import torch
+
+        outs = [enc(ids, output_hidden_states=True) for enc in encoders]
+        # as StableDiffusion3Pipeline.encode_prompt: penultimate hidden states, concatenated;
+        # the absent T5 contributes max_sequence_length zero tokens
+        clip = torch.cat([o.hidden_states[-2] for o in outs], dim=-1)
+        t5 = clip.new_zeros(clip.shape[0], self.cfg.max_sequence_length, clip.shape[-1])
+        return {"encoder_hidden_states": torch.cat([clip, t5], dim=1),
+                "pooled_projections": torch.cat([o.text_embeds for o in outs], dim=-1)}
+
+    def loss(self, z0, cond, gen):
+        import torch
+        import torch.nn.functional as F
+
+        s = torch.sigmoid(torch.randn(len(z0), generator=gen)).view(-1, 1, 1, 1)
+        noise = torch.randn(z0.shape, generator=gen)
+        pred = self.net(hidden_states=(1 - s) * z0 + s * noise, timestep=s.flatten() * 1000.0,
+                        encoder_hidden_states=cond["encoder_hidden_states"],
+                        pooled_projections=cond["pooled_projections"], return_dict=False)[0]
+        return F.mse_loss(pred, noise - z0)
+
+    def pipeline(self, vae, encoders, net):
+        from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline(
+            transformer=net, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0), vae=vae,
+            text_encoder=encoders[0], tokenizer=self.tokenizer, text_encoder_2=encoders[1], tokenizer_2=self.tokenizer,
+            text_encoder_3=None, tokenizer_3=None,
+        )
+
+
+def train_base_model(out: str | Path, cfg: BaseModelConfig | None = None, log: Callable[[str], None] | None = print) -> Path:
+    """Train the base model and save the pipeline to ``out`` (see the module docstring)."""
+    import torch
+
+    from ..models.tiny import build_sd15
+    from .training import make_training_set
+
+    cfg = cfg or BaseModelConfig()
+    if cfg.family not in FAMILIES:
+        raise ValueError(f"BaseModelConfig.family: {cfg.family!r}; known: {', '.join(FAMILIES)}")
+    log = log or (lambda s: None)
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    with tempfile.TemporaryDirectory() as tmp:  # tokenizer, text encoder and SD1.5 schedule
+        from diffusers import StableDiffusionPipeline
+
+        build_sd15(Path(tmp) / "tiny", seed=cfg.seed)
+        template = StableDiffusionPipeline.from_pretrained(Path(tmp) / "tiny", safety_checker=None, requires_safety_checker=False)
+    tokenizer = template.tokenizer
+
+    samples = make_training_set(cfg.n_train, cfg.resolution, cfg.seed, style=cfg.style,
+                                exclude_heldout=cfg.exclude_heldout, **cfg.scene)
+    captions = [c for c, _ in samples]
+    x = torch.from_numpy(np.stack([im for _, im in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+    # 1. VAE as an autoencoder (posterior mean; the log-variance stays pinned by quant_conv)
+    vae = _build_vae(cfg)
+    lat, vae_rec = _train_vae(vae, x, cfg, gen, log)
+
+    # 2. captions -> token ids once per unique caption (last row: "" for CFG dropout)
     uniq = sorted(set(captions))
     cap_idx = {c: k for k, c in enumerate(uniq)}
     ids_table = tokenizer(uniq + [""], padding="max_length", max_length=tokenizer.model_max_length,
-                          truncation=True, return_tensors="pt").input_ids  # last row: ""
+                          truncation=True, return_tensors="pt").input_ids
     sample_cond = torch.tensor([cap_idx[c] for c in captions])
-    if not cfg.train_text_encoder:
-        with torch.no_grad():
-            cond_table = torch.cat([text_encoder(ids_table[i : i + 256])[0] for i in range(0, len(ids_table), 256)])
 
-    # 3. UNet from scratch (+ the text encoder, if trained)
+    # 3. denoiser from scratch (+ the text encoders, if trained), EMA of both
     torch.manual_seed(cfg.seed)
-    unet = UNet2DConditionModel(
-        sample_size=cfg.resolution // 2,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=tuple(cfg.block_out_channels),
-        layers_per_block=cfg.layers_per_block,
-        cross_attention_dim=TINY_TEXT_DIM,
-        attention_head_dim=8,
-        norm_num_groups=16,
-    )
-    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    acp = noise_sched.alphas_cumprod
-    model = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
-    groups = [{"params": list(unet.parameters()), "lr": cfg.learning_rate}]
+    arch = (_UNetBase if cfg.family == "sd15" else _FlowBase)(cfg, template)
+    encoders = torch.nn.ModuleList(arch.text_encoders)
+    model = torch.nn.ModuleDict({"net": arch.net, "text": encoders})
+    groups = [{"params": list(arch.net.parameters()), "lr": cfg.learning_rate}]
+    encoders.requires_grad_(cfg.train_text_encoder).train(cfg.train_text_encoder)
     if cfg.train_text_encoder:
-        text_encoder.requires_grad_(True).train()
-        groups.append({"params": list(text_encoder.parameters()), "lr": cfg.text_learning_rate})
+        groups.append({"params": list(encoders.parameters()), "lr": cfg.text_learning_rate})
     ema = copy.deepcopy(model).requires_grad_(False)
     trained = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(s / cfg.steps, 1.0))))
-    )
-    unet.train()
-    bar = _progress(cfg.steps, "testbed base: UNet")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.steps, cfg.warmup_steps, floor=0.1))
+    arch.net.train()
+    bar = _progress(cfg.steps, f"testbed base: {type(arch.net).__name__}")
     losses = []
     for step in range(cfg.steps):
         idx = torch.randint(0, len(lat), (cfg.batch_size,), generator=gen)
-        z0 = lat[idx]
         ci = sample_cond[idx].clone()
-        drop = torch.rand(len(idx), generator=gen) < cfg.cfg_dropout
-        ci[drop] = len(uniq)
-        enc = text_encoder(ids_table[ci])[0] if cfg.train_text_encoder else cond_table[ci]
-        t = torch.randint(0, acp.numel(), (len(idx),), generator=gen)
-        eps = torch.randn(z0.shape, generator=gen)
-        a = acp[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
-        pred = unet(zt, t, encoder_hidden_states=enc).sample
-        loss = F.mse_loss(pred, eps)
+        ci[torch.rand(len(idx), generator=gen) < cfg.cfg_dropout] = len(uniq)
+        with torch.set_grad_enabled(cfg.train_text_encoder):
+            cond = arch.cond(encoders, ids_table[ci])
+        loss = arch.loss(lat[idx], cond, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
@@ -232,32 +370,31 @@ def train_base_model(out: str | Path, cfg: BaseModelConfig | None = None, log: C
     bar.close()
 
     out = Path(out)
-    final = StableDiffusionPipeline(
-        vae=vae, text_encoder=ema["text_encoder"].eval(), tokenizer=tokenizer, unet=ema["unet"].eval(),
-        scheduler=DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=False),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    final = arch.pipeline(vae, [e.eval() for e in ema["text"]], ema["net"].eval())
     final.save_pretrained(str(out), safe_serialization=True)
     info = {
-        "config": {**asdict(cfg), "block_out_channels": list(cfg.block_out_channels)},
+        "config": {**asdict(cfg), "block_out_channels": list(cfg.block_out_channels), "vae_channels": list(cfg.vae_channels)},
         "key": cfg.key(),
         "vae_recon_mse": vae_rec,
         "final_loss": float(np.mean(losses[-100:])),
         "train_seconds": round(time.perf_counter() - t_start, 1),
-        "prompt_separability": prompt_separability(ema["text_encoder"], tokenizer, uniq[:200]),
+        "prompt_separability": prompt_separability(ema["text"][0], tokenizer, uniq[:200]),
     }
     (out / "testbed_base.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
-    log(f"base model: {cfg.steps} UNet steps, loss {info['final_loss']:.4f}, {info['train_seconds']}s -> {out}")
+    log(f"base model: {cfg.steps} steps, loss {info['final_loss']:.4f}, {info['train_seconds']}s -> {out}")
     return out
 
 
 def shipped_base_model(cfg: BaseModelConfig) -> Path | None:
     """The shipped base-model directory if it was trained with exactly ``cfg``, else None."""
-    try:
-        info = json.loads((SHIPPED_DIR / "testbed_base.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return SHIPPED_DIR if info.get("key") == cfg.key() else None
+    for path in SHIPPED_DIRS.values():
+        try:
+            info = json.loads((path / "testbed_base.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if info.get("key") == cfg.key():
+            return path
+    return None
 
 
 def get_base_model(cfg: BaseModelConfig | str | None = None, *, force: bool = False, out: str | Path | None = None, log=print) -> Path:
@@ -288,8 +425,10 @@ class PipelineSampler:
     One generator per image, so images are deterministic in (prompt, seed) whatever the batching.
     """
 
-    def __init__(self, pipe, steps: int = 20, guidance: float = 5.0, resolution: int | None = None, batch_size: int = 32, name: str = "base"):
+    def __init__(self, pipe, steps: int = 20, guidance: float = 5.0, resolution: int | None = None, batch_size: int = 32,
+                 name: str = "base", max_sequence_length: int | None = None):
         self.pipe, self.steps, self.guidance = pipe, int(steps), float(guidance)
+        self.max_sequence_length = max_sequence_length
         self.resolution, self.batch_size, self.name = resolution, int(batch_size), name
         pipe.set_progress_bar_config(disable=True)
 
@@ -302,5 +441,6 @@ class PipelineSampler:
         outs = []
         for i in range(0, len(prompts), self.batch_size):
             outs.append(generate(self.pipe, prompts[i : i + self.batch_size], seeds[i : i + self.batch_size],
-                                 steps=self.steps, guidance=self.guidance, resolution=self.resolution))
+                                 steps=self.steps, guidance=self.guidance, resolution=self.resolution,
+                                 max_sequence_length=self.max_sequence_length))
         return torch.cat(outs)

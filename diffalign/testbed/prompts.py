@@ -108,3 +108,50 @@ def write_prompt_splits(out_dir: str | Path, n_train: int = 1000, n_heldout: int
         for ext in ("txt", "jsonl"):
             paths[f"{split}.{ext}"] = write_prompts(prompts, out_dir / f"{split}.{ext}")
     return paths
+
+
+def scene_key(text: str) -> str:
+    """A caption without its prefix ("a photo of", "an image of"): two captions with the
+    same key describe the same scene, so split hygiene is checked on keys, not strings."""
+    from .reward import parse_caption
+
+    s = parse_caption(text)
+    return caption(type(s)(s.groups, s.position, ""))
+
+
+def job_prompt_splits(n_train: int, n_indist: int, n_compositional: int, seed: int = 0, **scene_kwargs) -> dict[str, list[str]]:
+    """The three prompt sets of ``diffalign testbed-compare``, deterministic in ``seed``:
+
+    * ``train``: the captions pairs and rollouts are drawn from (train colour x shape pairs);
+    * ``indist``: captions from the same distribution whose *scenes* (captions up to the
+      prefix, :func:`scene_key`) occur in no ``train`` caption - the primary evaluation;
+    * ``compositional``: held-out colour x shape pairs (:func:`heldout_prompts`), seen by
+      neither the base models nor any method - generalisation.
+
+    ``indist`` scenes are drawn first, so growing ``n_train`` never changes ``indist``.
+    """
+    rng = np.random.default_rng([int(seed), 0x1D15])
+    indist: list[str] = []
+    train: list[str] = []
+    held_keys: set[str] = set()
+    train_keys: set[str] = set()
+    seen: set[str] = set()
+    for _ in range(400 * max(n_train + n_indist, 1) + 10_000):
+        if len(indist) >= n_indist and len(train) >= n_train:
+            break
+        text = caption(sample_scene(rng, pairs=TRAIN_PAIRS, **scene_kwargs))
+        if text in seen:
+            continue
+        seen.add(text)
+        key = scene_key(text)
+        if key in held_keys:
+            continue
+        if len(indist) < n_indist and key not in train_keys:
+            indist.append(text)
+            held_keys.add(key)
+        elif len(train) < n_train:
+            train.append(text)
+            train_keys.add(key)
+    if len(indist) < n_indist or len(train) < n_train:
+        raise ValueError(f"job_prompt_splits: found {len(train)} train / {len(indist)} indist prompts, asked for {n_train} / {n_indist}")
+    return {"train": train, "indist": indist, "compositional": heldout_prompts(n_compositional, seed, **scene_kwargs)}

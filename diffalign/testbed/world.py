@@ -23,8 +23,12 @@ Geometry (all relative to the image side, so 32 px and 64 px behave the same):
 
 Styles (``render(..., style=...)``): ``"plain"`` (default: a neutral grey background,
 level 65-100 with a little per-channel jitter), ``"warm"`` (the same grey shifted to a
-warm brown: +50 red, +15 green, -30 blue), and an optional dark ``outline`` around each
-object (``"outline"``, ``"warm_outline"`` or ``Style(background=..., outline=True)``).
+warm brown: +50 red, +15 green, -30 blue), ``"tinted"`` (the grey shifted along that same
+cool-warm axis by a random tint ``t`` in [-0.8, 0.8]: from slate blue through grey to
+tan, never as warm as ``"warm"``; the testbed base models are trained on it, so their
+samples vary in the hidden taste's direction without any caption naming it), and an
+optional dark ``outline`` around each object (``"outline"``, ``"warm_outline"`` or
+``Style(background=..., outline=True)``).
 """
 
 from __future__ import annotations
@@ -271,16 +275,22 @@ def perturb_scene(scene: Scene, rng, attributes: Iterable[str] = ("colour", "sha
 # ----------------------------------------------------------------------------- styles
 
 
+BACKGROUNDS: tuple[str, ...] = ("plain", "warm", "tinted")
+#: ``"tinted"`` backgrounds: ``warm_background`` shift scaled by a tint drawn uniformly from this range.
+TINT_RANGE = (-0.8, 0.8)
+
+
 @dataclass(frozen=True)
 class Style:
-    """Rendering style: background tone (``"plain"`` grey or ``"warm"``) and dark outlines."""
+    """Rendering style: background tone (``"plain"`` grey, ``"warm"``, or ``"tinted"``: a random
+    cool-to-warm tint of the grey) and dark outlines."""
 
     background: str = "plain"
     outline: bool = False
 
     def __post_init__(self) -> None:
-        if self.background not in ("plain", "warm"):
-            raise ValueError(f"unknown background {self.background!r}; known: plain, warm")
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"unknown background {self.background!r}; known: {', '.join(BACKGROUNDS)}")
 
 
 STYLES: dict[str, Style] = {
@@ -288,6 +298,7 @@ STYLES: dict[str, Style] = {
     "warm": Style("warm"),
     "outline": Style(outline=True),
     "warm_outline": Style("warm", True),
+    "tinted": Style("tinted"),
 }
 DEFAULT_STYLE = STYLES["plain"]
 #: The style the hidden "human" prefers (see :mod:`diffalign.testbed.pairs`).
@@ -305,9 +316,14 @@ def resolve_style(style: Style | str | None) -> Style:
     return STYLES[key]
 
 
-def warm_background(level: float) -> np.ndarray:
-    """The warm tone the world uses for a grey ``level`` (float RGB)."""
-    return np.array([level + 50.0, level + 15.0, level - 30.0])
+#: The cool-warm axis of the world's backgrounds (RGB shift of the full ``"warm"`` tone).
+WARM_SHIFT = np.array([50.0, 15.0, -30.0])
+
+
+def warm_background(level: float, tint: float = 1.0) -> np.ndarray:
+    """The background tone for a grey ``level`` shifted by ``tint`` along the warm axis
+    (float RGB): ``tint=1`` is the ``"warm"`` style, 0 neutral grey, negative values cool."""
+    return np.full(3, float(level)) + float(tint) * WARM_SHIFT
 
 
 # ----------------------------------------------------------------------------- layout and rendering
@@ -390,6 +406,8 @@ def render(scene: Scene, resolution: int = 32, style: Style | str | None = None,
     bg = np.full(3, level) + rng.normal(0, 6, 3)
     if style.background == "warm":
         bg = warm_background(level) + rng.normal(0, 4, 3)
+    elif style.background == "tinted":  # drawn after the grey jitter: "plain" draws stay unchanged
+        bg = warm_background(level, float(rng.uniform(*TINT_RANGE))) + rng.normal(0, 4, 3)
     n = resolution * _SUPERSAMPLE
     coords = (np.arange(n) + 0.5) / n
     x, y = coords[None, :], coords[:, None]

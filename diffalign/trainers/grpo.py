@@ -131,6 +131,7 @@ class EvalOptions:
     every: int = 0  # evaluate every this many steps (0: only after the last step; -1: never)
     num_prompts: int = 8  # the first prompts of the prompt list
     seed: int = 1234
+    data: str | None = None  # prompt file (.txt/.jsonl) to evaluate on; null: the training prompts
 
 
 @dataclass
@@ -414,6 +415,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     s = cfg.sampler
 
     prompts, metadata = load_prompts(cfg.data)
+    eval_prompts, eval_metadata = load_prompts(cfg.eval.data) if cfg.eval.data else (prompts, metadata)
     rewards = [(r.name, r.weight, resolve_reward(r.name, r.args)) for r in cfg.rewards]
     weights = {name: w for name, w, _ in rewards}
     kind = make_step_kind(s.step, s.noise_level, adapter.is_flow)
@@ -565,7 +567,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         if ev.every >= 0 and ev.num_prompts > 0 and (step == cfg.max_steps or (ev.every > 0 and step % ev.every == 0)):
             if eval_table is None:
                 eval_table = sampling_table(adapter, s.eval_num_steps)
-            values.update(evaluate(cfg, adapter, policy, rewards, prompts, metadata, uncond, eval_table, solver))
+            values.update(evaluate(cfg, adapter, policy, rewards, eval_prompts, eval_metadata, uncond, eval_table, solver))
         values["step_seconds"] = rollout_seconds + train_seconds + timer.lap()
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             logger.log(step, values)
