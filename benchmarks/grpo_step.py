@@ -3,7 +3,7 @@
     python benchmarks/grpo_step.py --model DIR [--configs grpo mixgrpo branchgrpo dancegrpo] [--steps 3]
     python benchmarks/grpo_step.py --tiny sd15 sd3          # builds tiny models in a temp dir
 
-Runs ``diffalign.trainers.grpo.train_grpo`` with ``configs/tiny/<name>.yaml`` (plus ``--set
+Runs ``diffalign.trainers.grpo.train_grpo`` with ``diffalign/configs/tiny/<name>.yaml`` (plus ``--set
 key=value`` overrides) and prints the mean ``rollout_seconds`` / ``train_seconds`` over the steps
 after the first (warm-up), the model rows per step and ``logprob_mismatch``. ``--json`` writes the
 table. Runs on a GPU when one is visible (accelerate's default device), else on the CPU.
@@ -26,7 +26,7 @@ def bench(model: str, config: str, steps: int, overrides: list[str], out_root: P
     from diffalign.trainers.grpo import train_grpo
 
     out = out_root / f"{Path(model).name}-{config}"
-    cfg = load_config(ROOT / "configs" / "tiny" / f"{config}.yaml",
+    cfg = load_config(ROOT / "diffalign" / "configs" / "tiny" / f"{config}.yaml",
                       [f"model={model}", f"output_dir={out}", f"max_steps={steps}", "eval.every=-1", *overrides])
     t0 = time.perf_counter()
     hist = train_grpo(cfg)["history"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # module path -> the subcommands it registers (for lazy import)
@@ -22,6 +23,13 @@ COMMAND_MODULES = [
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffalign", description="Align diffusion and flow models with human preferences.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of one line (also: DIFFALIGN_DEBUG=1)")
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("-q", "--quiet", action="store_true",
+                       help="no progress bars or status lines, only results and errors (also: DIFFALIGN_QUIET=1)")
+    noise.add_argument("-v", "--verbose", action="store_true",
+                       help="also show the library warnings and loading bars diffalign hides (also: DIFFALIGN_VERBOSE=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
@@ -35,16 +43,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands whose --out is a directory they create: an existing file there is one clear line,
+# not a FileExistsError / NotADirectoryError traceback from deep inside the command.
+OUT_DIR_COMMANDS = {"eval", "compare", "demo", "testbed-compare", "testbed-base"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    from .errors import UserError
+    from .errors import Interrupted, UserError, require_dir_path
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .logging import configure
+
+    configure(quiet=args.quiet, verbose=args.verbose)  # before any command imports a library
+    debug = args.debug or os.environ.get("DIFFALIGN_DEBUG", "").strip() not in ("", "0")
     try:
+        if args.command in OUT_DIR_COMMANDS and getattr(args, "out", None):
+            require_dir_path(args.out, "--out")
         return int(args.func(args) or 0)
     except UserError as e:
+        if debug:
+            raise
         print(f"diffalign {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Interrupted says where training stopped and how to go on
+        if debug:
+            raise
+        print(f"diffalign {args.command}: {e if isinstance(e, Interrupted) else 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

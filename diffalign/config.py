@@ -112,7 +112,10 @@ class BaseTrainConfig:
     allow_tf32: bool = True
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0 = none)
     checkpoints_keep: int = 3  # keep the last K checkpoints
-    resume: str | None = None  # "latest" or a checkpoint dir
+    resume: str | None = None  # "latest" or a checkpoint dir; only a checkpoint of the same config resumes
+    # true: remove a previous run's files from output_dir (metrics, checkpoints, weights) and start
+    # fresh. Without it a non-empty output_dir of a different config is refused.
+    overwrite: bool = False
     model_opts: ModelOptions = field(default_factory=ModelOptions)
     lora: LoraOptions = field(default_factory=LoraOptions)
     optim: OptimOptions = field(default_factory=OptimOptions)
@@ -124,6 +127,8 @@ class BaseTrainConfig:
         _check(self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", "must be no, fp16 or bf16")
         _check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0 = no checkpoints)")
         _check(self.checkpoints_keep >= 1, "checkpoints_keep", "must be >= 1")
+        _check(not (self.overwrite and self.resume), "overwrite",
+               f"overwrite=true starts over and resume={self.resume} continues: set only one of them")
         _check(self.lora.rank >= 0, "lora.rank", "must be >= 0 (0 = full fine-tuning)")
         _check(self.optim.learning_rate > 0, "optim.learning_rate", "must be > 0")
         _check(self.model_opts.timestep_sampling in ("uniform", "logit_normal", "mode"),
@@ -256,11 +261,13 @@ def deep_merge(base: dict, extra: dict) -> dict:
 
 
 def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
+    """A config file's mapping. ``path`` may also name a packaged config (``tiny/dpo.yaml``, the old
+    clone path ``configs/tiny/dpo.yaml``) or a recipe (``sd15-dpo``): see :mod:`diffalign.recipes`."""
+    from .recipes import resolve_config
+
+    path = resolve_config(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -278,7 +285,9 @@ def config_class_for(method: str) -> type:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None):
-    """YAML + overrides -> the trainer config dataclass chosen by ``method``; validated."""
+    """YAML + overrides -> the trainer config dataclass chosen by ``method``; validated.
+
+    ``path``: a YAML file, a packaged config path (``tiny/dpo.yaml``) or a recipe name (``sd15-dpo``)."""
     data = load_yaml(path) if path else {}
     data = deep_merge(data, parse_overrides(overrides or []))
     method = data.get("method", "dpo")

@@ -15,7 +15,7 @@ root = Path(tempfile.mkdtemp())
 model = build_sd15(root / "model")  # or "runwayml/stable-diffusion-v1-5" on a GPU machine
 data = write_toy_pickapic(root / "data", n=32, size=32).parent  # or "yuvalkirstain/pickapic_v2"
 cfg = load_config(
-    Path(__file__).resolve().parents[1] / "configs/tiny/dpo.yaml",
+    "tiny/dpo.yaml",  # a packaged config (diffalign recipes lists them), or your own YAML file, or a recipe name
     [f"model={model}", f"data={data}", f"output_dir={root / 'run'}", "max_steps=10"],
 )
 result = train(cfg)

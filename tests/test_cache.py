@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cfg(model, data, tmp_path, *extra):
-    return load_config(ROOT / "configs/tiny/dpo.yaml", [f"model={model}", f"data={data}", f"output_dir={tmp_path / 'run'}",
+    return load_config(ROOT / "diffalign/configs/tiny/dpo.yaml", [f"model={model}", f"data={data}", f"output_dir={tmp_path / 'run'}",
                        f"data_opts.cache_dir={tmp_path / 'cache'}", "data_opts.random_flip=true", *extra])
 
 
@@ -91,4 +91,4 @@ def test_cached_reference_losses_equal_a_fresh_reference_pass(tiny_model, toy_pa
     ref = _reference_mse(adapter, None, x_t, t, cat_cond(batch["cond"], batch["cond"]), target)
     torch.testing.assert_close(ref, torch.cat([batch["ref_w"], batch["ref_l"]]), rtol=1e-5, atol=1e-6)
     with pytest.raises(UserError, match="cache_dir"):
-        load_config(ROOT / "configs/tiny/dpo.yaml", ["model=M", "data=D", "loss.cached_reference=true"])
+        load_config(ROOT / "diffalign/configs/tiny/dpo.yaml", ["model=M", "data=D", "loss.cached_reference=true"])

@@ -40,14 +40,14 @@ def test_impossible_values_are_refused():
 
 def test_tiny_configs_resolve_with_public_keys():
     for method in ("dpo", "mapo", "sft"):
-        cfg = load_config(ROOT / f"configs/tiny/{method}.yaml", ["model=M", "data=D", "output_dir=O", "max_steps=3", "seed=7"])
+        cfg = load_config(ROOT / f"diffalign/configs/tiny/{method}.yaml", ["model=M", "data=D", "output_dir=O", "max_steps=3", "seed=7"])
         assert (cfg.method, cfg.model, cfg.data, cfg.output_dir, cfg.max_steps, cfg.seed) == (method, "M", "D", "O", 3, 7)
 
 
 def test_real_recipes_parse():
     import glob
 
-    paths = glob.glob(str(ROOT / "configs/*.yaml"))
+    paths = glob.glob(str(ROOT / "diffalign/configs/recipes/*.yaml"))
     assert len(paths) >= 4
     for path in paths:
         cfg = load_config(path)

@@ -14,7 +14,7 @@ def test_two_process_dpo_ranks_identical(tiny_model, toy_pairs, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-        "-m", "diffalign.cli", "train", str(ROOT / "configs/tiny/dpo.yaml"),
+        "-m", "diffalign.cli", "train", str(ROOT / "diffalign/configs/tiny/dpo.yaml"),
         f"model={tiny_model('sd15')}", f"data={toy_pairs}", f"output_dir={out}", "max_steps=3", "batch_size=2",
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -32,7 +32,7 @@ def test_two_process_grpo_ranks_identical(tiny_model, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
-        "-m", "diffalign.cli", "train", str(ROOT / "configs/tiny/grpo.yaml"),
+        "-m", "diffalign.cli", "train", str(ROOT / "diffalign/configs/tiny/grpo.yaml"),
         f"model={tiny_model('sd3')}", f"output_dir={out}", "max_steps=2", "eval.every=-1",
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

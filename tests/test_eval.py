@@ -96,7 +96,7 @@ def test_compare_report(tiny_model, toy_pairs, tmp_path, prompts_file):
 
     model = tiny_model("sd15")
     run = tmp_path / "dpo"
-    cfg = load_config("configs/tiny/dpo.yaml", [f"model={model}", f"data={toy_pairs}", f"output_dir={run}", "max_steps=2", "batch_size=2"])
+    cfg = load_config("tiny/dpo.yaml", [f"model={model}", f"data={toy_pairs}", f"output_dir={run}", "max_steps=2", "batch_size=2"])
     train(cfg)
     _eval(model, tmp_path / "base", prompts_file=prompts_file)
     _eval(model, tmp_path / "dpo_eval", lora=str(run), prompts_file=prompts_file)

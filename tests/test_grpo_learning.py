@@ -19,7 +19,7 @@ import pytest
 
 from diffalign.config import load_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tiny"
+CONFIGS = Path(__file__).resolve().parents[1] / "diffalign" / "configs" / "tiny"
 COMMON = ("sampler.cfg=false", "sampler.resolution=16", "group_size=16", "batch_size=32", "prompts_per_step=4",
           "train_batch_size=64", "optim.learning_rate=5e-2", "max_steps=12", "sampler.shared_noise=true", "lora.target_modules=[conv_out]",
           "eval.every=-1", "seed=0")

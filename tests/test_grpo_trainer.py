@@ -14,7 +14,7 @@ import torch
 from diffalign.config import ConfigError, load_config
 from diffalign.trainers.common import rank_generator
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tiny"
+CONFIGS = Path(__file__).resolve().parents[1] / "diffalign" / "configs" / "tiny"
 REQUIRED = ("reward_mean", "reward_std", "advantage_abs_mean", "clip_fraction", "approx_kl", "zero_std_group_fraction",
             "rollout_seconds", "train_seconds", "logprob_mismatch")
 

@@ -39,7 +39,7 @@ CASES = [  # (config, data, extra overrides, metric that must be logged)
 @pytest.mark.parametrize("method,data,extra,metric", CASES, ids=[f"{c[0]}-{c[1]}{'-' + c[2][0] if c[2] else ''}" for c in CASES])
 def test_tiny_config_trains(tiny_model, toy_pairs, captions, tmp_path, method, data, extra, metric):
     source = toy_pairs if data == "pairs" else captions[data]
-    cfg = load_config(ROOT / f"configs/tiny/{method}.yaml", [
+    cfg = load_config(ROOT / f"diffalign/configs/tiny/{method}.yaml", [
         f"model={tiny_model('sd15')}", f"data={source}", f"output_dir={tmp_path}", "max_steps=2", "batch_size=2", *extra])
     torch.manual_seed(0)
     result = train(cfg)
@@ -57,7 +57,7 @@ def test_dcpo_forward_conditions_sides_on_their_captions(tiny_model, toy_pairs):
     from diffalign.data.pickapic import pair_dataloader
     from diffalign.models import load_adapter
 
-    cfg = load_config(ROOT / "configs/tiny/dcpo.yaml", [f"model={tiny_model('sd15')}", f"data={toy_pairs}"])
+    cfg = load_config(ROOT / "diffalign/configs/tiny/dcpo.yaml", [f"model={tiny_model('sd15')}", f"data={toy_pairs}"])
     adapter = load_adapter(cfg.model)
     batch = next(iter(pair_dataloader(toy_pairs, DataOptions(resolution=32, random_flip=False), 3, seed=0)))
 

@@ -52,7 +52,7 @@ def _finish(proc):
 
 def test_sigkill_then_resume_matches_uninterrupted(tiny_model, toy_pairs, tmp_path):
     model, steps = tiny_model("sd15"), 8
-    cfg_path = ROOT / "configs/tiny/dpo.yaml"
+    cfg_path = ROOT / "diffalign/configs/tiny/dpo.yaml"
     _finish(_cli(cfg_path, _overrides(model, toy_pairs, tmp_path / "a", steps)))
 
     out_b = tmp_path / "b"
@@ -79,7 +79,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_model, toy_pairs, tmp_pa
 
 
 def test_corrupt_and_malicious_checkpoints_are_skipped(tiny_model, toy_pairs, tmp_path):
-    model, cfg_path = tiny_model("sd15"), ROOT / "configs/tiny/sft.yaml"
+    model, cfg_path = tiny_model("sd15"), ROOT / "diffalign/configs/tiny/sft.yaml"
     out = tmp_path / "run"
     train(load_config(cfg_path, _overrides(model, toy_pairs, out, 4)))
     ckpts = out / "checkpoints"
@@ -107,5 +107,5 @@ def test_explicit_bad_resume_path_is_an_error(tiny_model, toy_pairs, tmp_path):
     from diffalign.errors import UserError
 
     with pytest.raises(UserError, match="resume"):
-        train(load_config(ROOT / "configs/tiny/sft.yaml",
+        train(load_config(ROOT / "diffalign/configs/tiny/sft.yaml",
                           _overrides(tiny_model("sd15"), toy_pairs, tmp_path / "x", 2, f"resume={tmp_path / 'nope'}")))

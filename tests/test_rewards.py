@@ -410,7 +410,7 @@ def test_cli_score_writes_csv(models, tmp_path, capsys):
                "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out), "--device", "cpu"])
     assert rc == 0
     rows = list(csv.DictReader(out.open()))
-    assert list(rows[0]) == ["image", "prompt", "pickscore", "jpeg_compressibility"]
+    assert list(rows[0]) == ["image", "prompt", "pickscore", "jpeg"]  # the eval CSV's name too
     assert [r["image"] for r in rows] == names and [r["prompt"] for r in rows] == ["a red apple", "a cat", "the sea"]
     direct = get_reward(spec(models, "pickscore"), device="cpu")(
         [tmp_path / "imgs" / n for n in names], ["a red apple", "a cat", "the sea"]).scores

@@ -13,7 +13,7 @@ import torch
 from diffalign.rewards import get_reward, tiny
 from diffalign.rewards.pairs import score_pairs, pairwise_accuracy
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "reward" / "tiny_pickscore.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "diffalign" / "configs" / "reward" / "tiny_pickscore.yaml"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

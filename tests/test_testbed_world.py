@@ -131,3 +131,39 @@ def test_training_set(tmp_path, fmt):
         t = pq.read_table(next((tmp_path / "ds").glob("*.parquet")))
         assert t.column_names == ["caption", "image"]
         assert str(t.schema.field("image").type) == "binary"
+
+
+def test_tinted_style_spreads_the_hidden_taste():
+    """The base models' training style: backgrounds vary along the warm axis (so pairs carry a
+    taste signal) but never reach the full target style, and plain draws are unchanged."""
+    from diffalign.testbed.pairs import background_warmth
+
+    rng = np.random.default_rng(1)
+    scenes = [sample_scene(rng, p_two_groups=0.0) for _ in range(200)]
+    tinted = np.stack([render(s, 32, "tinted", i) for i, s in enumerate(scenes)])
+    warmth = background_warmth(tinted)
+    assert warmth.std() > 0.2 and (warmth == 0).mean() > 0.3 and warmth.max() > 0.6
+    assert is_target_style(tinted).mean() < 0.35
+    warm = np.stack([render(s, 32, "warm", i) for i, s in enumerate(scenes)])
+    assert background_warmth(warm).mean() > warmth.max() - 0.1
+    from diffalign.testbed import testbed_reward
+
+    # the verifiable reward reads tinted images as well as plain ones
+    caps = [caption(s) for s in scenes]
+    assert float(testbed_reward(tinted, caps).scores.mean()) > 0.97
+
+
+def test_job_prompt_splits_are_disjoint_by_scene():
+    from diffalign.testbed.prompts import HELDOUT_PAIRS, job_prompt_splits, scene_key
+
+    s = job_prompt_splits(150, 48, 24, seed=0, p_two_groups=0.0)
+    assert (len(s["train"]), len(s["indist"]), len(s["compositional"])) == (150, 48, 24)
+    assert s == job_prompt_splits(150, 48, 24, seed=0, p_two_groups=0.0)  # deterministic
+    train_keys = {scene_key(t) for t in s["train"]}
+    indist_keys = {scene_key(t) for t in s["indist"]}
+    assert len(indist_keys) == 48 and not (train_keys & indist_keys)
+    assert s["indist"] == job_prompt_splits(100, 48, 24, seed=0, p_two_groups=0.0)["indist"]  # stable in n_train
+    for t in s["train"] + s["indist"]:
+        assert not is_heldout(parse_caption(t))
+    assert all(any((g.colour, g.shape) in HELDOUT_PAIRS for g in parse_caption(t).groups) for t in s["compositional"])
+    assert scene_key("a photo of a red circle") == scene_key("a red circle") != scene_key("a red circle on the left")

@@ -40,7 +40,7 @@ def _margin_shift(tuned, data, repeats=8):
 
 
 def _run(method, model, data, out, steps, *extra):
-    cfg = load_config(ROOT / f"configs/tiny/{method}.yaml",
+    cfg = load_config(ROOT / f"diffalign/configs/tiny/{method}.yaml",
                       [f"model={model}", f"data={data}", f"output_dir={out}", f"max_steps={steps}", "batch_size=8", *extra])
     torch.manual_seed(0)
     return cfg, train(cfg)

@@ -1,4 +1,4 @@
-"""Core commands: ``train``, ``cache``, ``tiny-model``, ``toy-data``."""
+"""Core commands: ``train``, ``cache``, ``recipes``, ``tiny-model``, ``toy-data``."""
 
 from __future__ import annotations
 
@@ -27,6 +27,34 @@ def cmd_train(args) -> int:
     result = train(cfg)
     final = {k: v for k, v in result["final"].items() if isinstance(v, (int, float))}
     print(f"done: {cfg.output_dir} " + " ".join(f"{k}={v:.4g}" for k, v in final.items() if k in ("step", "loss", "implicit_acc", "reward_mean")))
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from .. import recipes
+
+    if args.path:  # one config's file path, for tools that want a file (accelerate --config_file)
+        print(recipes.as_path(recipes.resolve_config(args.path)))
+        return 0
+    names = recipes.recipe_names()
+    aliases = recipes.recipe_aliases(list(names))
+    for kind, heading, usage in recipes.KINDS:
+        found = recipes.packaged_files(kind)
+        if not found:
+            continue
+        rows = []
+        for f in found:
+            if kind == "recipes":
+                name = next(n for n, g in names.items() if g.name == f.name)
+                short = [a for a, full in aliases.items() if full == name]
+                label = name + (f" ({', '.join(short)})" if short else "")
+            else:
+                label = f"{kind}/{f.name.rsplit('.', 1)[0]}"
+            rows.append((label, recipes.description(f)))
+        width = max(len(label) for label, _ in rows)
+        print(f"{heading} ({usage}):")
+        for label, desc in rows:
+            print(f"  {label:<{width}}  {desc}")
     return 0
 
 
@@ -73,27 +101,33 @@ def cmd_cache(args) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cache", help="precompute VAE latents + text embeddings for a pair config")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="e.g. model=DIR data=DIR data_opts.cache_dir=CACHE")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("config", help="pair-method config: YAML file, packaged config (tiny/dpo) or recipe name")
+    p.add_argument("overrides", nargs="*", default=[], help="e.g. model=DIR data=DIR data_opts.cache_dir=CACHE")
+    p.add_argument("--batch-size", type=int, default=16, help="pairs per VAE/text-encoder forward pass (default 16)")
     p.add_argument("--force", action="store_true", help="rebuild even when a matching cache exists")
     p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("train", help="train with a config: diffalign train CONFIG [key=value ...]")
-    p.add_argument("config", help="YAML config (e.g. configs/tiny/dpo.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model=DIR data=DIR max_steps=3 loss.beta=2000")
+    p.add_argument("config", help="YAML file, packaged config (tiny/dpo.yaml) or recipe name (sd15-dpo); "
+                                  "see diffalign recipes")
+    # default=[]: argparse otherwise lists an empty "*" positional as required ("required: config, overrides")
+    p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. model=DIR data=DIR max_steps=3 loss.beta=2000")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("recipes", help="list the packaged recipes and tiny/reward/accelerate configs")
+    p.add_argument("--path", metavar="CONFIG", help="print the file path of one config (recipe name or tiny/dpo, accelerate/ddp ...)")
+    p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser("tiny-model", help="write a tiny random-init model in diffusers format (offline)")
     p.add_argument("kind", metavar="KIND", help="sd15, sd21, sdxl, sd3, or a reward model kind (clip, pickscore, ...)")
-    p.add_argument("dir", metavar="DIR")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("dir", metavar="DIR", help="output directory (created)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random init (default 0)")
     p.set_defaults(func=cmd_tiny_model)
 
     p = sub.add_parser("toy-data", help="write toy data offline: diffalign toy-data pickapic DIR --n N")
-    p.add_argument("kind", choices=["pickapic"])
-    p.add_argument("dir", metavar="DIR")
-    p.add_argument("--n", type=int, default=64)
+    p.add_argument("kind", choices=["pickapic"], help="data schema (pickapic: Pick-a-Pic v2 pairs)")
+    p.add_argument("dir", metavar="DIR", help="output directory (a parquet file is written in it)")
+    p.add_argument("--n", type=int, default=64, help="number of rows (default 64)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the toy images and labels (default 0)")
     p.set_defaults(func=cmd_toy_data)

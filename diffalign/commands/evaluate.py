@@ -14,11 +14,40 @@ def cmd_eval(args) -> int:
         resolution=args.resolution, batch_size=args.batch_size, num_prompts=args.num_prompts,
         label=args.label, device=args.device, max_sequence_length=args.max_sequence_length,
     )
-    summary = run_eval(cfg)
+    import logging
+
+    # diffusers logs the whole multi-line state-dict error before raising it; the error is
+    # reported below in one line, so its logger is quiet for this call (failures still raise).
+    peft_log = logging.getLogger("diffusers.loaders.peft")
+    level = peft_log.level
+    peft_log.setLevel(logging.CRITICAL)
+    try:
+        summary = run_eval(cfg)
+    except RuntimeError as e:
+        if args.lora and "size mismatch" in str(e):
+            raise lora_mismatch_error(args.lora, args.model, str(e)) from None
+        raise
+    finally:
+        peft_log.setLevel(level)
     print(f"eval {summary['label']}: {summary['n_images']} images in {summary['seconds']:.1f}s -> {args.out}")
     for name, s in summary["rewards"].items():
         print(f"  {name}: {s['mean']:.4f} [{s['ci_low']:.4f}, {s['ci_high']:.4f}] n={s['n']}")
     return 0
+
+
+def lora_mismatch_error(lora: str, model: str, message: str):
+    """One line for torch's many-line "size mismatch for ...lora_A" when a LoRA meets another base."""
+    import re
+    from pathlib import Path
+
+    from ..errors import UserError
+    from ..trainers.rundir import read_config
+
+    first = re.search(r"size mismatch for (\S+?):.*?shape (torch\.Size\(\[[^\]]*\]\)) from checkpoint.*?is (torch\.Size\(\[[^\]]*\]\))", message)
+    detail = f"; e.g. {first.group(1)} is {first.group(2)[11:-1]} in the LoRA, {first.group(3)[11:-1]} in the model" if first else ""
+    saved = read_config(Path(lora) / "config.yaml") or {}
+    base = f" (it was trained on {saved['model']})" if saved.get("model") else ""
+    return UserError(f"--lora {lora} does not fit --model {model}: the LoRA was trained on another base model{base}{detail}")
 
 
 def cmd_compare(args) -> int:

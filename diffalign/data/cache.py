@@ -16,40 +16,145 @@ epoch. The cache runs them once per usable pair and stores:
   at the price of one noise sample per pair instead of a fresh one every epoch; flips are off.
 
 On disk, next to nothing else: ``cache_dir/index.json`` (fingerprint, row map, skip counts) and
-``shard-00000.safetensors`` ... (latent moments) and ``captions.safetensors``. A cache built for
-another model, resolution or data is refused with the differing key named. Random crops are not
-cacheable (each epoch would need new crops): the cache requires ``random_crop: false``.
+``shard-00000.safetensors`` ... (latent moments) and ``captions.safetensors``. The fingerprint
+keys on *contents*, not path strings: each data file's size, mtime and a sampled hash, the
+model dir's config files (hashed) and weight files (size, mtime, sampled hash), or the hub
+revision for hub ids. A cache whose data or model contents changed is stale and rebuilt with a
+one-line message; a cache built with other settings (resolution, caption column, ...) is refused
+with the differing key named. Random crops are not cacheable (each epoch would need new crops):
+the cache requires ``random_crop: false``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..logging import progress
 from .pickapic import PairTransform, classify_row, decode_image, load_preference_dataset
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: data and model keyed by content instead of path strings
+
+# Fingerprint keys whose change means the inputs were regenerated or replaced: the cache is
+# stale and gets rebuilt. Any other key is a setting of this run; a mismatch there means the
+# cache_dir belongs to another config and is refused (rebuilding would destroy that cache).
+CONTENT_KEYS = ("version", "data_content", "model_content", "vae_content")
+
+_SAMPLE = 1 << 20  # bytes hashed at each of head / middle / tail of a large file
+# small text files that define a model (configs, tokenizer, scheduler): hashed in full
+_CONFIG_SUFFIXES = {".json", ".txt", ".yaml", ".yml", ".model", ".merges", ".vocab"}
+
+
+def file_signature(path: Path) -> str:
+    """``size:mtime_ns:hash`` of a file. Files up to 4 MiB are hashed in full, larger ones at
+    their head, middle and tail: Pick-a-Pic shards are GBs each, and a regenerated file
+    differs in size, mtime and bytes alike, so sampling keeps the check to milliseconds."""
+    st = path.stat()
+    h = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        if st.st_size <= 4 * _SAMPLE:
+            h.update(f.read())
+        else:
+            for offset in (0, st.st_size // 2, st.st_size - _SAMPLE):
+                f.seek(offset)
+                h.update(f.read(_SAMPLE))
+    return f"{st.st_size}:{st.st_mtime_ns}:{h.hexdigest()}"
+
+
+def _tree_signature(root: Path, files: list[Path]) -> dict[str, str]:
+    out = {}
+    for f in sorted(files):
+        rel = str(f.relative_to(root)) if f.is_relative_to(root) else str(f)
+        if f.suffix in _CONFIG_SUFFIXES:  # configs change in place without changing size
+            out[rel] = "sha256:" + hashlib.sha256(f.read_bytes()).hexdigest()[:32]
+        else:
+            out[rel] = file_signature(f)
+    return out
+
+
+def _visible_files(root: Path) -> list[Path]:
+    # hidden entries are tool state (.cache/ of huggingface_hub, .git), not model or data
+    return [f for f in root.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(root).parts)]
+
+
+def data_content(source: str, opts) -> dict:
+    """Content signature of the data ``source`` (see :func:`load_raw_dataset`)."""
+    from .pickapic import _parquet_files
+
+    files = _parquet_files(source) if source else None
+    if files is not None:
+        paths = [Path(f).resolve() for f in files]
+        root = Path(os.path.commonpath([str(p.parent) for p in paths]))
+        return {"files": _tree_signature(root, paths)}
+    p = Path(source)
+    if p.exists():  # a save_to_disk dir or a loader script dir: every file in it counts
+        root = p.resolve()
+        return {"files": _tree_signature(root, _visible_files(root) if root.is_dir() else [root])}
+    # a hub dataset: the fingerprint ``datasets`` derives from the resolved revision and files
+    ds = load_preference_dataset(source, opts)
+    return {"hub": source, "datasets_fingerprint": getattr(ds, "_fingerprint", None)}
+
+
+def model_content(model: str | None, revision: str | None = None) -> dict | None:
+    """Content signature of a model dir (configs hashed, weights by size/mtime/sample), or the
+    hub id and its resolved commit (the snapshot dir name in the local hub cache)."""
+    if not model:
+        return None
+    p = Path(model)
+    if p.exists():
+        root = p.resolve()
+        return {"files": _tree_signature(root, _visible_files(root) if root.is_dir() else [root])}
+    commit = revision
+    try:
+        from huggingface_hub import snapshot_download
+
+        snap = snapshot_download(model, revision=revision, local_files_only=True, allow_patterns=["*.json"])
+        commit = Path(snap).name
+    except Exception:  # not downloaded yet, or offline: the requested revision is all we know
+        pass
+    return {"hub": model, "revision": commit}
 
 
 def cache_fingerprint(cfg, adapter) -> dict:
     o = cfg.data_opts
     vae = adapter.vae.config
     return {
-        "version": CACHE_VERSION, "model": cfg.model, "revision": cfg.model_opts.revision, "vae": cfg.model_opts.vae,
+        "version": CACHE_VERSION, "model_content": model_content(cfg.model, cfg.model_opts.revision),
+        "revision": cfg.model_opts.revision, "vae_content": model_content(cfg.model_opts.vae),
         "scaling_factor": vae.scaling_factor, "shift_factor": getattr(vae, "shift_factor", None),
-        "data": cfg.data, "split": o.split, "caption_column": o.caption_column, "resolution": o.resolution,
+        "data_content": data_content(cfg.data, o), "split": o.split, "caption_column": o.caption_column,
+        "resolution": o.resolution,
         "flips": bool(o.random_flip), "drop_ties": o.drop_ties, "drop_identical": o.drop_identical,
         "max_samples": o.max_samples, "max_sequence_length": cfg.model_opts.max_sequence_length,
         "cached_reference": _cached_reference(cfg), "seed": cfg.seed if _cached_reference(cfg) else None,
+        # where the inputs were, for people reading index.json; not compared (a moved data
+        # dir with the same contents keeps its cache)
+        "data": cfg.data, "model": cfg.model,
     }
+
+
+def _describe_change(key: str, old, new) -> str:
+    what = {"data_content": "data", "model_content": "model", "vae_content": "VAE", "version": "cache format"}[key]
+    if key == "version":
+        return f"cache format {old} -> {new}"
+    old_files = (old or {}).get("files") if isinstance(old, dict) else None
+    new_files = (new or {}).get("files") if isinstance(new, dict) else None
+    if old_files is not None and new_files is not None:
+        changed = sorted(k for k in set(old_files) | set(new_files) if old_files.get(k) != new_files.get(k))
+        if changed:
+            more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+            return f"{what} files changed: {', '.join(changed[:3])}{more}"
+    return f"{what} changed"
 
 
 def _cached_reference(cfg) -> bool:
@@ -76,7 +181,7 @@ def compute_reference_losses(cfg, adapter, out: Path, index: dict, batch_size: i
     rows = index["rows"]
     ref_w, ref_l = [], []
     has_lora = getattr(adapter.denoiser, "_hf_peft_config_loaded", False)
-    for start in tqdm(range(0, len(rows), batch_size), desc="cache reference losses"):
+    for start in progress(range(0, len(rows), batch_size), desc="cache reference losses"):
         chunk = rows[start:start + batch_size]
         batch = {k: torch.stack([shards[r["shard"]][k][r["offset"]] for r in chunk]) for k in ("mean_w", "std_w", "mean_l", "std_l")}
         batch["row_seed"] = torch.tensor([row_seed(cfg.seed, start + j) for j in range(len(chunk))])
@@ -112,6 +217,12 @@ def build_cache(cfg, adapter, batch_size: int = 16, shard_rows: int = 4096) -> P
     _check_cacheable(cfg)
     out = Path(cfg.data_opts.cache_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # drop the old index first: a rebuild that dies half-way must not leave a cache that
+    # looks complete (index.json is written last)
+    (out / "index.json").unlink(missing_ok=True)
+    for old in [*out.glob("shard-*.safetensors"), out / "reference.safetensors", out / "captions.safetensors"]:
+        old.unlink(missing_ok=True)
+    fingerprint = cache_fingerprint(cfg, adapter)  # of the inputs as they are read now
     opts = cfg.data_opts
     dataset = load_preference_dataset(cfg.data, opts)
     transform = PairTransform(opts.resolution, random_crop=False, random_flip=False)
@@ -147,7 +258,7 @@ def build_cache(cfg, adapter, batch_size: int = 16, shard_rows: int = 4096) -> P
             shard_idx += 1
 
     n_rows = len(dataset) if opts.max_samples is None else min(opts.max_samples, len(dataset))
-    for i, row in enumerate(tqdm(dataset, total=n_rows, desc="cache latents")):
+    for i, row in enumerate(progress(dataset, total=n_rows, desc="cache latents")):
         if i >= n_rows:
             break
         reason, swap = classify_row(row, opts)
@@ -178,11 +289,11 @@ def build_cache(cfg, adapter, batch_size: int = 16, shard_rows: int = 4096) -> P
 
     caption_list = sorted(captions, key=captions.get)
     conds: dict[str, list[torch.Tensor]] = {}
-    for start in tqdm(range(0, len(caption_list), batch_size), desc="cache text"):
+    for start in progress(range(0, len(caption_list), batch_size), desc="cache text"):
         for k, v in adapter.encode_prompt(caption_list[start:start + batch_size]).items():
             conds.setdefault(k, []).append(v.float().cpu())
     save_file({k: torch.cat(v).contiguous() for k, v in conds.items()}, str(out / "captions.safetensors"))
-    index = {"fingerprint": cache_fingerprint(cfg, adapter), "rows": rows, "captions": caption_list,
+    index = {"fingerprint": fingerprint, "rows": rows, "captions": caption_list,
              "skipped": dict(skipped), "shards": shard_idx}
     if _cached_reference(cfg):
         compute_reference_losses(cfg, adapter, out, index, batch_size)
@@ -190,18 +301,34 @@ def build_cache(cfg, adapter, batch_size: int = 16, shard_rows: int = 4096) -> P
     return out
 
 
-def check_cache(cfg, adapter) -> dict | None:
-    """The cache index if ``cache_dir`` holds a cache for exactly this config, None if empty."""
+def check_cache(cfg, adapter, announce: bool = True) -> dict | None:
+    """The cache index if ``cache_dir`` holds a cache for exactly this config; None if it is
+    empty or stale (its data or model contents changed: rebuild it, ``announce`` says so in one
+    line); raises :class:`UserError` if it was built with other settings."""
     path = Path(cfg.data_opts.cache_dir) / "index.json"
     if not path.is_file():
         return None
-    index = json.loads(path.read_text())
+    try:
+        index = json.loads(path.read_text())
+        have = index["fingerprint"]
+    except (ValueError, KeyError, TypeError):
+        if announce:
+            print(f"latent cache at {cfg.data_opts.cache_dir} has an unreadable index.json; rebuilding it", file=sys.stderr)
+        return None
     want = cache_fingerprint(cfg, adapter)
+    for key in CONTENT_KEYS:
+        if have.get(key) != want[key]:
+            if announce:
+                print(f"latent cache at {cfg.data_opts.cache_dir} is stale ({_describe_change(key, have.get(key), want[key])}); "
+                      "rebuilding it", file=sys.stderr)
+            return None
     for key, value in want.items():
-        if index["fingerprint"].get(key) != value:
+        if key in CONTENT_KEYS or key in ("data", "model"):
+            continue
+        if have.get(key) != value:
             raise UserError(
-                f"data_opts.cache_dir={cfg.data_opts.cache_dir!r} was built for {key}={index['fingerprint'].get(key)!r}, "
-                f"this run has {key}={value!r}: use another cache_dir or rebuild it (diffalign cache)"
+                f"data_opts.cache_dir={cfg.data_opts.cache_dir!r} was built for {key}={have.get(key)!r}, "
+                f"this run has {key}={value!r}: use another cache_dir, or delete that one to rebuild it"
             )
     return index
 
@@ -296,7 +423,10 @@ def cached_dataloader(cfg, adapter, accelerator):
     if accelerator.is_main_process and check_cache(cfg, adapter) is None:
         build_cache(cfg, adapter)
     accelerator.wait_for_everyone()
-    index = check_cache(cfg, adapter)
+    index = check_cache(cfg, adapter, announce=False)
+    if index is None:
+        raise UserError(f"data_opts.cache_dir={cfg.data_opts.cache_dir!r}: the data or model changed while the cache "
+                        "was being built; run again once they are final")
     stream = CachedPairStream(cfg.data_opts.cache_dir, index, cfg.data_opts, seed=cfg.seed,
                               rank=accelerator.process_index, world_size=accelerator.num_processes)
     return torch.utils.data.DataLoader(stream, batch_size=cfg.batch_size, collate_fn=collate_cached, num_workers=0)

@@ -128,8 +128,8 @@ class EvalConfig:
     label: str | None = None
     device: str = "cpu"
     grid_prompts: int = 16
-    #: T5 tokens for SD3-family prompts (None: the pipeline's default, 256); the testbed's
-    #: flow base has no T5 and was trained with 8 zero tokens
+    #: T5 tokens for SD3-family prompts (None: what the checkpoint records for a pipeline saved
+    #: without T5, e.g. the testbed's flow base, else the pipeline's default, 256)
     max_sequence_length: int | None = None
     extra: dict = field(default_factory=dict)
 
@@ -159,7 +159,10 @@ def load_pipeline(model: str, lora: str | None = None, device: str = "cpu"):
     adapter = load_adapter(model, dtype=torch.float32, device=device)
     pipe = adapter.pipe
     if lora is not None:
-        pipe.load_lora_weights(lora)
+        from ..logging import TEXT_ENCODER_LORA_NOTICE, library_call
+
+        with library_call(TEXT_ENCODER_LORA_NOTICE):  # our LoRAs train the denoiser only
+            pipe.load_lora_weights(lora)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -173,6 +176,10 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, 
     kwargs = {}
     if resolution:
         kwargs.update(height=int(resolution), width=int(resolution))
+    if not max_sequence_length:
+        from ..models.sd3 import zero_t5_tokens
+
+        max_sequence_length = zero_t5_tokens(pipe)
     if max_sequence_length:
         kwargs.update(max_sequence_length=int(max_sequence_length))
     with torch.inference_mode():
@@ -212,12 +219,9 @@ def make_grid(paths: list[list[Path]], out: Path, scale: int = 1) -> Path | None
 
 
 def _progress(total: int, desc: str):
-    try:
-        from tqdm.auto import tqdm
+    from ..logging import progress
 
-        return tqdm(total=total, desc=desc, unit="img", leave=False)
-    except ImportError:  # pragma: no cover
-        return None
+    return progress(total=total, desc=desc, unit="img", inner=True)
 
 
 def run_eval(cfg: EvalConfig, pipe=None, prompts: list[str] | None = None) -> dict:

@@ -152,9 +152,15 @@ def _make_pairs(base: str, prompts: list[str], n_pairs: int, seed: int, out_dir:
 
     sampler = CachingSampler(PipelineSampler(load_pipeline(base), steps=int(b["pair_steps"]), guidance=float(b["pair_guidance"]),
                                              name="testbed-base"))
+    made_by = {"base": base, "prompts": prompts, "n": n_pairs, "seed": seed,
+               **{k: b.get(k) for k in ("pair_steps", "pair_guidance", "tie_margin", "images_per_prompt")}}
     for variant, mismatch in (("pairs", False), ("pairs_mismatch", True)):
+        path = Path(out_dir) / variant / f"train-{seed}.parquet"
+        if path.is_file() and json.loads(path.with_suffix(".json").read_text()) == made_by:
+            continue  # the same pairs were made by an earlier run of this job
         make_pairs(sampler, prompts, n_pairs, seed=seed, style_mismatch=mismatch, tie_margin=float(b.get("tie_margin", 0.05)),
-                   images_per_prompt=int(b.get("images_per_prompt", 2)), out_path=Path(out_dir) / variant / f"train-{seed}.parquet")
+                   images_per_prompt=int(b.get("images_per_prompt", 2)), out_path=path)
+        path.with_suffix(".json").write_text(json.dumps(made_by))
     return n_pairs
 
 
@@ -165,14 +171,24 @@ def _train(config_file: str, overrides: list[str]) -> dict:
     cfg = load_config(config_file, overrides)
     if _finished(Path(cfg.output_dir), cfg):
         return {"reused": True}
-    train(cfg)
+    # the job owns its run directories: an earlier run of another config (seed, budget) is replaced
+    train(load_config(config_file, [*overrides, "overwrite=true"]))
     return {"reused": False}
 
 
 def _eval(kwargs: dict) -> dict:
+    from dataclasses import asdict
+
     from .generate import EvalConfig, run_eval
 
-    return run_eval(EvalConfig(**kwargs))
+    cfg = EvalConfig(**kwargs)
+    done = Path(cfg.out) / "summary.json"
+    if done.is_file():  # an earlier run of the job evaluated exactly this (and the run has not changed since)
+        fresh = cfg.lora is None or (Path(cfg.lora) / "final_state.json").stat().st_mtime < done.stat().st_mtime
+        saved = json.loads(done.read_text()).get("config", {})
+        if fresh and all(saved.get(k) == v for k, v in asdict(cfg).items() if k not in ("extra", "num_prompts")):
+            return json.loads(done.read_text())
+    return run_eval(cfg)
 
 
 def _finished(run_dir: Path, cfg) -> bool:
@@ -185,7 +201,11 @@ def _finished(run_dir: Path, cfg) -> bool:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         return False
-    return (run_dir / "final_state.json").is_file() and saved == yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    wanted = yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    for d in (saved, wanted):  # how a run was started is not part of what it is
+        if isinstance(d, dict):
+            d.pop("overwrite", None)
+    return (run_dir / "final_state.json").is_file() and saved == wanted
 
 
 # ------------------------------------------------------------------------------------ scheduling
@@ -253,10 +273,18 @@ def run_testbed_compare(out: str, budget: str = "quick", methods: list[str] | No
     from .report import write_testbed_report
 
     b = load_budget(budget)
+    # a budget's variants: a method under another name with extra overrides (hyper-parameter grids)
+    table = dict(METHODS)
+    extra_ov: dict[str, list[str]] = {}
+    for name, v in (b.get("variants") or {}).items():
+        if v.get("of") not in METHODS:
+            raise UserError(f"budget {budget!r}: variant {name!r} needs 'of: <method>' (one of {', '.join(METHODS)})")
+        table[name] = METHODS[v["of"]]
+        extra_ov[name] = [str(o) for o in v.get("overrides", [])]
     wanted = list(methods or b.get("methods") or [])
-    unknown = [m for m in wanted if m not in METHODS]
+    unknown = [m for m in wanted if m not in table]
     if unknown:  # before any work
-        raise UserError(f"--methods: unknown {', '.join(unknown)}; available: {', '.join(METHODS)}")
+        raise UserError(f"--methods: unknown {', '.join(unknown)}; available: {', '.join(table)}")
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
@@ -280,7 +308,7 @@ def run_testbed_compare(out: str, budget: str = "quick", methods: list[str] | No
     sched = Scheduler(n_workers)
     logs = out_dir / "logs"
     # 3. pairs, in ``workers`` shards (different pair seeds, one parquet file each)
-    need_pairs = any(not METHODS[m].online for m in wanted)
+    need_pairs = any(not table[m].online for m in wanted)
     n_shards = max(1, min(n_workers, 4)) if need_pairs else 0
     per_shard = -(-int(b["n_pairs"]) // max(n_shards, 1))
     for k in range(n_shards):
@@ -291,7 +319,7 @@ def run_testbed_compare(out: str, budget: str = "quick", methods: list[str] | No
     # 4. training runs
     common_ov = [f"seed={seed}"]
     for name in wanted:
-        m = METHODS[name]
+        m = table[name]
         run_dir = out_dir / "runs" / name
         kind_ov = b.get("grpo_overrides" if m.online else "pair_overrides") or []
         if m.online:
@@ -301,19 +329,19 @@ def run_testbed_compare(out: str, budget: str = "quick", methods: list[str] | No
         else:
             data_ov = [f"data={out_dir / 'data' / m.data}"]
         overrides = [f"model={bases[m.base]}", f"output_dir={run_dir}", *data_ov, *common_ov,
-                     *map(str, kind_ov), *map(str, (b.get("method_overrides") or {}).get(name, []))]
+                     *map(str, kind_ov), *map(str, (b.get("method_overrides") or {}).get(name, [])), *extra_ov.get(name, [])]
         sched.add(Task(f"train:{name}", _train, (str(CONFIG_DIR / m.config), overrides), deps=() if m.online else pair_tasks,
                        weight=float(b.get("weights", {}).get(name, 30 if m.online else 10)), log=str(run_dir.with_suffix(".log"))))
 
     # 5. evals: each base and each run on both splits, shared seeds
     eval_common = dict(rewards=list(REWARDS), seeds=0, base_seed=10_000 + seed, steps=int(b["eval_steps"]),
                        guidance=float(b["eval_guidance"]), batch_size=32, grid_prompts=8)
-    base_kinds = sorted({METHODS[m].base for m in wanted})
+    base_kinds = sorted({table[m].base for m in wanted})
     evals: dict[tuple[str, str], str] = {}
     for split in SPLITS:
         seeds = int(b[f"{split}_seeds"])
         for who in [f"base_{k}" for k in base_kinds] + wanted:
-            kind = who[5:] if who.startswith("base_") else METHODS[who].base
+            kind = who[5:] if who.startswith("base_") else table[who].base
             ev_dir = out_dir / "eval" / split / who
             kw = {**eval_common, "seeds": seeds, "model": bases[kind], "prompts": files[split], "out": str(ev_dir),
                   "label": who, "lora": None if who.startswith("base_") else str(out_dir / "runs" / who),
@@ -331,7 +359,7 @@ def run_testbed_compare(out: str, budget: str = "quick", methods: list[str] | No
 
     # 6. report
     ok_evals = {k: v for k, v in evals.items() if sched.tasks[f"eval:{k[0]}:{k[1]}"].result["ok"]}
-    res = write_testbed_report(out_dir / "report", budget=budget, seed=seed, methods={n: METHODS[n] for n in wanted},
+    res = write_testbed_report(out_dir / "report", budget=budget, seed=seed, methods={n: table[n] for n in wanted},
                                evals=ok_evals, runs={n: out_dir / "runs" / n for n in wanted if status[n] == "ok"},
                                seconds=seconds, status=status, plumbing=bool(b.get("plumbing", False)), why_cpu=why)
     summary = {"budget": budget, "seed": seed, "bases": bases, "status": status,

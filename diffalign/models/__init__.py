@@ -55,11 +55,14 @@ def load_adapter(model: str, opts=None, dtype: torch.dtype = torch.float32, devi
     # components saved as absent ([null, null], e.g. SD3 without its T5 encoder) load as None
     index = diffusers.DiffusionPipeline.load_config(model, revision=opts.revision)
     kwargs.update({k: None for k, v in index.items() if isinstance(v, list) and v == [None, None] and k not in kwargs})
-    if opts.vae:
-        kwargs["vae"] = diffusers.AutoencoderKL.from_pretrained(opts.vae, torch_dtype=dtype)
-    pipe = getattr(diffusers, pipe_cls_name).from_pretrained(
-        model, revision=opts.revision, variant=opts.variant, torch_dtype=dtype, **kwargs
-    )
+    from ..logging import library_call
+
+    with library_call():  # the libraries' nested "Loading ..." bars leave ESC[A in logs
+        if opts.vae:
+            kwargs["vae"] = diffusers.AutoencoderKL.from_pretrained(opts.vae, dtype=dtype)
+        pipe = getattr(diffusers, pipe_cls_name).from_pretrained(
+            model, revision=opts.revision, variant=opts.variant, dtype=dtype, **kwargs
+        )
     pipe.set_progress_bar_config(disable=True)
     adapter = adapter_cls(pipe, model, opts)
     adapter.to(device, dtype)

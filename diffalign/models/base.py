@@ -119,9 +119,23 @@ class DiffusionAdapter:
     def to(self, device, dtype: torch.dtype | None = None) -> "DiffusionAdapter":
         """Move all components; ``dtype`` applies to the frozen parts (VAE, text encoders)."""
         for m in self.frozen_modules():
-            m.to(device=device, dtype=dtype)
+            m.to(device=device)
+        self.cast_frozen(dtype)
         self.denoiser.to(device)
         return self
+
+    def cast_frozen(self, dtype: torch.dtype | None) -> None:
+        """Cast the frozen parts to ``dtype``, only those not already in it. diffusers models
+        warn on every ``.to(dtype=...)`` ("modules ... that should be kept in float32: []")
+        even when that list is empty and nothing is cast; we filter exactly that message."""
+        from ..logging import FP32_MODULES_NOTICE, library_call
+
+        if dtype is None:
+            return
+        for m in self.frozen_modules():
+            if any(p.is_floating_point() and p.dtype != dtype for p in m.parameters()):
+                with library_call(FP32_MODULES_NOTICE, bars=True):
+                    m.to(dtype=dtype)
 
     @property
     def num_train_timesteps(self) -> int:

@@ -9,6 +9,23 @@ import torch
 from .base import Cond, DiffusionAdapter
 
 
+def zero_t5_tokens(pipe) -> int | None:
+    """For an SD3 pipeline saved without its T5 encoder, the number of zero T5 tokens it was
+    trained with, if the checkpoint records it (``testbed_base.json``: the testbed's flow base);
+    else None. Without T5 those tokens are identical zeros, yet the MMDiT attends to every one,
+    so their count is part of the model: the pipeline's default of 256 would change its output."""
+    import json
+    from pathlib import Path
+
+    if getattr(pipe, "text_encoder_3", None) is not None:
+        return None
+    info = Path(str(getattr(pipe, "name_or_path", "") or "")) / "testbed_base.json"
+    try:
+        return int(json.loads(info.read_text(encoding="utf-8"))["config"]["max_sequence_length"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class SD3Adapter(DiffusionAdapter):
     """Rectified flow: x_t = (1 - sigma) x_0 + sigma * noise, target v = noise - x_0.
 
@@ -32,6 +49,7 @@ class SD3Adapter(DiffusionAdapter):
 
         self.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
         super().__init__(pipe, model_id, opts)
+        self.max_sequence_length = zero_t5_tokens(pipe) or opts.max_sequence_length
 
     @property
     def train_sigmas(self) -> torch.Tensor:
@@ -44,7 +62,7 @@ class SD3Adapter(DiffusionAdapter):
             embeds, _, pooled, _ = self.pipe.encode_prompt(
                 prompt=prompts, prompt_2=prompts, prompt_3=prompts, device=self.device,
                 num_images_per_prompt=1, do_classifier_free_guidance=False,
-                max_sequence_length=self.opts.max_sequence_length,
+                max_sequence_length=self.max_sequence_length,
             )
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 

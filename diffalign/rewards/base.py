@@ -102,7 +102,9 @@ def decode_image_bytes(data: bytes) -> torch.Tensor:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             return _pil_to_tensor(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError:  # its message is only the repr of our BytesIO buffer
+        raise ValueError(f"cannot decode image bytes ({len(data)} bytes): not a known image format") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot decode image bytes ({len(data)} bytes): {e}") from None
 
 

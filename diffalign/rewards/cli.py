@@ -49,14 +49,14 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("relabel", help="replace human pair labels by a reward's preference (AI feedback)")
     _add_reward_args(p, multiple=False)
     p.add_argument("--pairs", required=True, metavar="IN.parquet", help="Pick-a-Pic-schema pairs")
-    p.add_argument("--out", required=True, metavar="OUT.parquet")
+    p.add_argument("--out", required=True, metavar="OUT.parquet", help="the pairs with the reward's labels")
     p.add_argument("--tie-tol", type=float, default=0.0, help="label a tie (0.5/0.5) when |s0-s1| <= this")
     p.set_defaults(func=cmd_relabel)
 
     p = subparsers.add_parser("filter-pairs", help="keep the pairs with the largest reward margin (FiFA-style)")
     _add_reward_args(p, multiple=False)
-    p.add_argument("--pairs", required=True, metavar="IN.parquet")
-    p.add_argument("--out", required=True, metavar="OUT.parquet")
+    p.add_argument("--pairs", required=True, metavar="IN.parquet", help="Pick-a-Pic-schema pairs")
+    p.add_argument("--out", required=True, metavar="OUT.parquet", help="the kept pairs")
     p.add_argument("--keep-fraction", type=float, default=0.5, help="fraction of pairs to keep (default 0.5)")
     p.add_argument("--require-agreement", action="store_true",
                    help="drop pairs whose (non-tie) human label the reward contradicts before ranking")
@@ -67,14 +67,56 @@ def register(subparsers) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. max_steps=100")
     p.set_defaults(func=cmd_train_reward)
 
-    p = subparsers.add_parser("serve-reward", help="serve a reward over HTTP (JSON, base64 images)")
+    from .server import DEFAULT_MAX_IMAGES, DEFAULT_MAX_PIXELS
+
+    p = subparsers.add_parser("serve-reward", help="serve a reward over HTTP (JSON, base64 images)",
+                              description="Serve one reward over HTTP for training jobs elsewhere "
+                                          "(client: --reward remote=http://HOST:PORT).",
+                              epilog=_serve_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_reward_args(p, multiple=False)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body accepted (413 above)")
-    p.add_argument("--max-images", type=int, default=256, help="most images per request (413 above)")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds before a request is answered 504")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only; the server has no "
+                        "authentication, so other addresses log a warning)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body in MiB (413 above; default 64)")
+    p.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES,
+                   help=f"most images per request (413 above; default {DEFAULT_MAX_IMAGES})")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"largest image, width*height, checked from the header before decoding "
+                        f"(413 above; default {DEFAULT_MAX_PIXELS} = 4096x4096)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds before a request is answered 504 (default 120)")
     p.set_defaults(func=cmd_serve_reward)
+
+
+def _serve_epilog() -> str:
+    """The /score request and response schemas, as the server's OpenAPI document has them."""
+    from .server import openapi_spec
+
+    schemas = openapi_spec()["components"]["schemas"]
+
+    def block(name: str) -> str:
+        # one line per property: the indent=2 dump of a schema is four screens long
+        schema = dict(schemas[name])
+        props = schema.pop("properties")
+        head = json.dumps(schema)[:-1]
+        lines = [f'    {json.dumps(k)}: {json.dumps(v)},' for k, v in props.items()]
+        lines[-1] = lines[-1].rstrip(",")
+        return "\n".join([f'  {head}, "properties": {{', *lines, "  }}"])
+
+    return (
+        "API (OpenAPI 3; the full document is served at GET /openapi.json):\n"
+        "  GET  /health -> reward name, higher_is_better, needs_prompt and the limits below\n"
+        "  POST /score  (Content-Type: application/json), request body schema:\n"
+        f"{block('ScoreRequest')}\n"
+        "  200 response schema:\n"
+        f"{block('ScoreResponse')}\n"
+        '  errors: {"error": "one line"} with 400 malformed request or undecodable image, 411 no\n'
+        "  Content-Length, 413 over --max-body-mb / --max-images / --max-pixels, 500 reward failure,\n"
+        "  504 not scored within --timeout.\n"
+        "example:\n"
+        "  curl -s localhost:8000/score -H 'Content-Type: application/json' \\\n"
+        "       -d '{\"images\": [\"'$(base64 -w0 a.png)'\"], \"prompts\": [\"a cat\"]}'"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,7 +305,8 @@ def cmd_train_reward(args) -> int:
     cfg = load_train_config(args.config, args.overrides)
     metrics = train_reward(cfg)
     print(f"validation accuracy {metrics['val_accuracy_initial']:.4f} -> {metrics['val_accuracy']:.4f} "
-          f"on {metrics['val_pairs']} pairs")
+          f"over {metrics['val_pairs']} pairs (a human tie counts 0.5); final {metrics['val_accuracy_strict']:.4f} "
+          f"over the {metrics['history'][-1]['pairs'] - metrics['history'][-1]['human_ties']} pairs without a human tie")
     return 0
 
 
@@ -274,7 +317,9 @@ def cmd_serve_reward(args) -> int:
     reward.ensure_loaded()  # fail before binding the port if weights are missing
     try:
         server = RewardServer(reward, args.host, args.port, max_body_bytes=int(args.max_body_mb * 2**20),
-                              max_images=args.max_images, request_timeout=args.timeout)
+                              max_images=args.max_images, max_pixels=args.max_pixels, request_timeout=args.timeout)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {e}") from None
     print(f"serving {reward.name} at {server.url} (POST /score, GET /health); Ctrl-C to stop", flush=True)

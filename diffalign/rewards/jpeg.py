@@ -3,7 +3,7 @@ with Reinforcement Learning", Sec. 6.1).
 
 ``size_kB = len(JPEG(quality=95)) / 1000`` of the image quantised to ``uint8`` and encoded with
 PIL. ``jpeg_incompressibility`` = ``size_kB`` (higher = more detail/texture);
-``jpeg_compressibility`` = ``-size_kB`` (higher = simpler image). Prompt-free, not
+``jpeg`` (alias ``jpeg_compressibility``) = ``-size_kB`` (higher = simpler image). Prompt-free, not
 differentiable, computed on CPU (PIL's libjpeg is the reference encoder; other encoders give
 different sizes).
 """
@@ -38,7 +38,8 @@ class JPEGReward(Reward):
         super().__init__(batch_size=batch_size, device="cpu" if device is None else device)
         self.compressible = compressible
         self.quality = quality
-        self.name = name or ("jpeg_compressibility" if compressible else "jpeg_incompressibility")
+        # "jpeg" is the name users type (README, eval CSV columns); jpeg_compressibility is its alias
+        self.name = name or ("jpeg" if compressible else "jpeg_incompressibility")
         self.units = "-kB" if compressible else "kB"
 
     def score_batch(self, images, prompts, metadata):

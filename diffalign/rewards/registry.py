@@ -184,7 +184,18 @@ def _remote(path: str | None = None, **kw) -> Reward:
     return RemoteReward(path, **kw)
 
 
+#: other spellings of a registered reward -> its canonical name (the reward's ``name``, and the
+#: column name in both ``score`` and ``eval`` CSVs)
+ALIASES = {"jpeg_compressibility": "jpeg", "clip": "clipscore", "hpsv2.1": "hpsv2"}
+
+
+def canonical_name(name: str) -> str:
+    """``jpeg_compressibility`` -> ``jpeg``, ``clip`` -> ``clipscore``; other names unchanged."""
+    return ALIASES.get(name.strip(), name.strip())
+
+
 for _name, _factory in {
+    "clip": _clipscore,
     "clipscore": _clipscore,
     "clipscore_l14": _clipscore_l14,
     "pickscore": _pickscore,

@@ -4,19 +4,24 @@ Runs a reward model on its own GPU/process while training elsewhere. Standard li
 (``http.server.ThreadingHTTPServer``); JSON in, JSON out; images travel as base64 PNG/JPEG,
 never as pickles.
 
-Protocol:
+Protocol (the full OpenAPI 3 document is served at ``GET /openapi.json`` and printed by
+``diffalign serve-reward --help``):
 
 * ``GET /health`` (or ``/info``) -> ``{"status": "ok", "name", "higher_is_better",
-  "needs_prompt", "units", "max_images", "max_body_bytes"}``
+  "needs_prompt", "units", "max_images", "max_body_bytes", "max_pixels"}``
 * ``POST /score`` with ``{"images": [base64, ...], "prompts": [str, ...] | null,
   "metadata": [object, ...] | null}`` -> ``{"name", "scores": [float], "details": {name: [float]}}``
 
 Errors are JSON ``{"error": message}``: 400 malformed request (bad JSON, missing/mistyped key,
-undecodable image, prompt count mismatch), 411 missing Content-Length, 413 body larger than
-``max_body_bytes`` or more than ``max_images`` images, 404 unknown path, 504 not scored within
-``request_timeout`` seconds, 500 reward failure. Concurrent requests are merged into one reward
-call of up to ``max_batch_images`` images (a worker thread waits ``batch_window`` seconds for
-company).
+undecodable image, prompt count mismatch, body shorter than its Content-Length), 411 missing
+Content-Length, 413 body larger than ``max_body_bytes``, more than ``max_images`` images, or an
+image over ``max_pixels`` pixels (checked from the image header, before decoding), 404 unknown
+path, 504 not scored within ``request_timeout`` seconds, 500 reward failure. Concurrent requests
+are merged into one reward call of up to ``max_batch_images`` images (a worker thread waits
+``batch_window`` seconds for company).
+
+The server is meant for loopback or a trusted network: it has no authentication, so binding a
+non-loopback address logs a warning.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import ipaddress
 import json
 import queue
+import sys
 import threading
 import time
 import urllib.error
@@ -37,7 +44,91 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import Reward, RewardOutput, decode_image_bytes, to_image_tensor
+from .base import Reward, RewardOutput, _pil_to_tensor, to_image_tensor
+
+DEFAULT_MAX_PIXELS = 4096 * 4096
+DEFAULT_MAX_IMAGES = 64
+#: formats the server decodes; PIL knows many more, some of which run external programs
+#: (EPS -> ghostscript) or have a history of decoder bugs, so untrusted bytes get only these
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+# Image.open parses headers under PIL's global warning state; serialise it (it is cheap) so
+# the temporary DecompressionBombWarning filter of one thread cannot leak into another.
+_OPEN_LOCK = threading.Lock()
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` (an address or name) only reaches this machine."""
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def openapi_spec(max_images: int = DEFAULT_MAX_IMAGES, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_body_bytes: int = 64 * 2**20) -> dict:
+    """OpenAPI 3.0 description of the server's endpoints (served at ``GET /openapi.json``)."""
+    error = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+    err = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "diffalign reward server", "version": "1"},
+        "paths": {
+            "/score": {"post": {
+                "summary": "score images (one float per image)",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/ScoreRequest"}}}},
+                "responses": {
+                    "200": {"description": "scores", "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/ScoreResponse"}}}},
+                    "400": err, "411": err, "413": err, "500": err, "504": err,
+                },
+            }},
+            "/health": {"get": {
+                "summary": "reward name, direction and server limits",
+                "responses": {"200": {"description": "info", "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/Health"}}}}},
+            }},
+            "/openapi.json": {"get": {"summary": "this document", "responses": {"200": {"description": "OpenAPI 3"}}}},
+        },
+        "components": {"schemas": {
+            "ScoreRequest": {
+                "type": "object", "required": ["images"], "additionalProperties": False,
+                "properties": {
+                    "images": {"type": "array", "minItems": 1, "maxItems": max_images,
+                               "items": {"type": "string", "format": "byte",
+                                         "description": f"base64 PNG/JPEG/WebP (a data: URL prefix is allowed), "
+                                                        f"at most {max_pixels} pixels"}},
+                    "prompts": {"type": "array", "nullable": True, "items": {"type": "string"},
+                                "description": "one per image; required when the reward needs prompts"},
+                    "metadata": {"type": "array", "nullable": True, "items": {"type": "object"},
+                                 "description": "one object per image, passed to the reward"},
+                },
+                "description": f"request body at most {max_body_bytes} bytes",
+            },
+            "ScoreResponse": {
+                "type": "object", "required": ["name", "scores", "details"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "scores": {"type": "array", "items": {"type": "number"}, "description": "one per image, in order"},
+                    "details": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "number"}}},
+                },
+            },
+            "Health": {
+                "type": "object",
+                "properties": {"status": {"type": "string"}, "name": {"type": "string"},
+                               "higher_is_better": {"type": "boolean"}, "needs_prompt": {"type": "boolean"},
+                               "units": {"type": "string"}, "max_images": {"type": "integer"},
+                               "max_body_bytes": {"type": "integer"}, "max_pixels": {"type": "integer"}},
+            },
+            "Error": error,
+        }},
+    }
+
+
+def _log(message: str) -> None:
+    print(f"reward server: {message}", file=sys.stderr, flush=True)
 
 
 class RequestError(Exception):
@@ -62,11 +153,22 @@ class RewardServer:
     ``serve_forever()`` blocks. ``port=0`` picks a free port (see :attr:`url`)."""
 
     def __init__(self, reward: Reward, host: str = "127.0.0.1", port: int = 0, *, max_body_bytes: int = 64 * 2**20,
-                 max_images: int = 256, max_batch_images: int | None = None, request_timeout: float = 120.0,
-                 batch_window: float = 0.005):
+                 max_images: int = DEFAULT_MAX_IMAGES, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_batch_images: int | None = None, request_timeout: float = 120.0,
+                 batch_window: float = 0.005, log=_log):
+        from PIL import Image
+
+        if max_images < 1 or max_pixels < 1:
+            raise ValueError("max_images and max_pixels must be positive")
         self.reward = reward
+        self.log = log
         self.max_body_bytes = int(max_body_bytes)
         self.max_images = int(max_images)
+        self.max_pixels = int(max_pixels)
+        # PIL's own decompression-bomb guard (a process-wide setting) must not refuse what this
+        # server allows; below its default it stays as is (our check runs first anyway).
+        if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < self.max_pixels:
+            Image.MAX_IMAGE_PIXELS = self.max_pixels
         self.max_batch_images = int(max_batch_images or max(reward.batch_size, 1) * 4)
         self.request_timeout = float(request_timeout)
         self.batch_window = float(batch_window)
@@ -79,8 +181,12 @@ class RewardServer:
             timeout = self.request_timeout  # socket read timeout: slow/stalled clients are dropped
             owner = server
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd = _HTTPServer((host, port), Handler)
+        self.httpd.owner = self
         self.httpd.daemon_threads = True
+        if not is_loopback(self.address[0]):
+            self.log(f"warning: listening on {self.address[0]}:{self.address[1]}, reachable from other machines; "
+                     "the server has no authentication, so bind 127.0.0.1 unless the network is trusted")
         self._worker = threading.Thread(target=self._work, name="reward-batcher", daemon=True)
         self._worker.start()
 
@@ -98,7 +204,10 @@ class RewardServer:
         r = self.reward
         return {"status": "ok", "name": r.name, "higher_is_better": bool(r.higher_is_better),
                 "needs_prompt": bool(r.needs_prompt), "units": getattr(r, "units", ""),
-                "max_images": self.max_images, "max_body_bytes": self.max_body_bytes}
+                "max_images": self.max_images, "max_body_bytes": self.max_body_bytes, "max_pixels": self.max_pixels}
+
+    def openapi(self) -> dict:
+        return openapi_spec(self.max_images, self.max_pixels, self.max_body_bytes)
 
     def start(self) -> RewardServer:
         t = threading.Thread(target=self.httpd.serve_forever, name="reward-server", daemon=True)
@@ -111,7 +220,8 @@ class RewardServer:
 
     def close(self) -> None:
         self._stop.set()
-        self.httpd.shutdown()
+        if self._threads:  # shutdown() waits for serve_forever: it would hang on a never-started server
+            self.httpd.shutdown()
         self.httpd.server_close()
         self._worker.join(timeout=5)
 
@@ -175,6 +285,19 @@ class RewardServer:
             j.done.set()
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    owner: RewardServer
+
+    def handle_error(self, request, client_address) -> None:
+        # A client that hangs up mid-request is routine, not a server bug: one line, no
+        # traceback. Anything else keeps the standard traceback (it is a bug to fix).
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            self.owner.log(f"client {client_address[0]}:{client_address[1]} dropped: {type(exc).__name__}")
+            return
+        super().handle_error(request, client_address)
+
+
 class _Handler(BaseHTTPRequestHandler):
     owner: RewardServer
     protocol_version = "HTTP/1.1"
@@ -192,13 +315,22 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.wfile.write(body)
+            self.wfile.flush()
+        except (ConnectionError, TimeoutError) as e:  # the client left before its answer
+            self.close_connection = True
+            self.owner.log(f"client {self.client_address[0]}:{self.client_address[1]} left before the "
+                           f"{status} answer was sent ({type(e).__name__})")
 
     def do_GET(self) -> None:  # noqa: N802
-        if self.path.rstrip("/") in ("/health", "/info", ""):
+        path = self.path.rstrip("/")
+        if path in ("/health", "/info", ""):
             self._send(200, self.owner.info())
+        elif path == "/openapi.json":
+            self._send(200, self.owner.openapi())
         else:
-            self._send(404, {"error": f"unknown path '{self.path}'; use GET /health or POST /score"})
+            self._send(404, {"error": f"unknown path '{self.path}'; use GET /health, GET /openapi.json or POST /score"})
 
     def do_POST(self) -> None:  # noqa: N802
         try:
@@ -219,6 +351,10 @@ class _Handler(BaseHTTPRequestHandler):
             })
         except RequestError as e:
             self._send(e.status, {"error": e.message})
+        except (ConnectionError, TimeoutError) as e:  # client vanished while we read its body
+            self.close_connection = True
+            self.owner.log(f"client {self.client_address[0]}:{self.client_address[1]} dropped while sending "
+                           f"its request ({type(e).__name__})")
 
     def _drain(self, n: int, limit: int = 256 * 2**20) -> None:
         # Read (and drop) the refused body: closing a socket with unread data makes the kernel
@@ -241,11 +377,15 @@ class _Handler(BaseHTTPRequestHandler):
             n = int(length)
         except ValueError:
             raise RequestError(400, f"bad Content-Length '{length}'") from None
+        if n < 0:  # rfile.read(-1) would read until the client closes
+            raise RequestError(400, f"bad Content-Length '{length}'")
         if n > self.owner.max_body_bytes:
             self._drain(n)
             raise RequestError(413, f"request body is {n} bytes; this server accepts at most "
                                     f"{self.owner.max_body_bytes} bytes (send fewer images per request)")
         raw = self.rfile.read(n)
+        if len(raw) < n:  # the client closed its side early: Content-Length was wrong
+            raise RequestError(400, f"request body ended after {len(raw)} of the {n} bytes its Content-Length announced")
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -280,11 +420,44 @@ class _Handler(BaseHTTPRequestHandler):
                 data = base64.b64decode(s, validate=True)
             except (binascii.Error, ValueError):
                 raise RequestError(400, f"images[{i}] is not valid base64") from None
-            try:
-                tensors.append(decode_image_bytes(data))
-            except ValueError as e:
-                raise RequestError(400, f"images[{i}]: {e}") from None
+            tensors.append(self._decode(i, data))
         return _Job(tensors, prompts, metadata)
+
+    def _decode(self, i: int, data: bytes) -> torch.Tensor:
+        """Decode image ``i`` after checking its size from the header: a small file can
+        describe a huge image (a 250 KB PNG of 9000x9000 takes seconds and GBs to decode)."""
+        import warnings
+
+        from PIL import Image, UnidentifiedImageError
+
+        limit = self.owner.max_pixels
+
+        def too_big(w: int, h: int) -> RequestError:
+            return RequestError(413, f"images[{i}] is {w}x{h} = {w * h} pixels; this server accepts at most "
+                                     f"{limit} pixels per image (downscale it, or start the server with a "
+                                     "larger --max-pixels)")
+
+        try:
+            with _OPEN_LOCK, warnings.catch_warnings():
+                # above PIL's guard: our own limit below gives the answer, not a log warning
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # lazy: reads the header only
+        except Image.DecompressionBombError:
+            raise RequestError(413, f"images[{i}] is larger than {limit} pixels; this server accepts at most "
+                                    f"{limit} pixels per image") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            raise RequestError(400, f"images[{i}]: cannot decode: not a PNG, JPEG or WebP image "
+                                    f"({len(data)} bytes)") from None
+        with img:
+            w, h = img.size
+            if w * h > limit:
+                raise too_big(w, h)
+            try:
+                img.load()
+                return _pil_to_tensor(img)
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+                raise RequestError(400, f"images[{i}]: cannot decode: corrupt or truncated {img.format} "
+                                        f"({w}x{h}, {len(data)} bytes): {e}") from None
 
 
 # --------------------------------------------------------------------------------------------

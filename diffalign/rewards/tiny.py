@@ -168,6 +168,7 @@ def build_imagereward(out: str | os.PathLike, seed: int = 0) -> Path:
 
 BUILDERS = {
     "clip": build_clip,
+    "clipscore": build_clip,  # the reward's name (--reward clipscore=DIR); "clip" is kept for old scripts
     "pickscore": build_pickscore,
     "hpsv2": build_hpsv2,
     "aesthetic": build_aesthetic,

@@ -84,6 +84,13 @@ class RewardTrainConfig:
               "must be > 0 when val_data is not given (validation needs pairs)")
 
 
+def describe_accuracy(m: dict) -> str:
+    """Both accuracies with what each one counts ("0.750 (strict 1.000)" left that to guess)."""
+    untied = m["pairs"] - m["human_ties"]
+    return (f"accuracy {m['accuracy']:.3f} over all {m['pairs']} pairs (a human tie counts 0.5), "
+            f"{m['accuracy_strict']:.3f} over the {untied} pairs without a human tie")
+
+
 def load_train_config(path: str | None, overrides: list[str] | None = None) -> RewardTrainConfig:
     data = load_yaml(path) if path else {}
     data = deep_merge(data, parse_overrides(overrides or []))
@@ -199,8 +206,7 @@ def train_reward(cfg: RewardTrainConfig, log=print) -> dict:
         return pairwise_accuracy(np.concatenate(s0s), np.concatenate(s1s), l0, l1)
 
     initial = evaluate()
-    log(f"train-reward: {len(val_pairs)} validation pairs; initial accuracy {initial['accuracy']:.3f} "
-        f"(strict {initial['accuracy_strict']:.3f})")
+    log(f"train-reward: {len(val_pairs)} validation pairs; initial {describe_accuracy(initial)}")
     history = [{"step": 0, **initial}]
     stream = _train_stream(cfg, rng, bad)
     t0 = time.perf_counter()
@@ -235,7 +241,7 @@ def train_reward(cfg: RewardTrainConfig, log=print) -> dict:
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             m = evaluate()
             history.append({"step": step, **m})
-            log(f"step {step}: validation accuracy {m['accuracy']:.3f} (strict {m['accuracy_strict']:.3f})")
+            log(f"step {step}: validation {describe_accuracy(m)}")
     seconds = time.perf_counter() - t0
 
     out = Path(cfg.output_dir)

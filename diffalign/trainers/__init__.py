@@ -22,4 +22,9 @@ except ModuleNotFoundError as e:  # pragma: no cover - only while grpo.py is not
 
 
 def train(cfg) -> dict:
-    return TRAINERS[cfg.method](cfg)
+    """Run the trainer of ``cfg.method``: ``output_dir`` locked for the run, Ctrl-C stopping
+    cleanly after the current step (see :mod:`.rundir`)."""
+    from .rundir import run_guard
+
+    with run_guard(cfg):
+        return TRAINERS[cfg.method](cfg)

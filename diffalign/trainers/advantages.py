@@ -63,7 +63,8 @@ def zero_std_group_fraction(rewards: torch.Tensor, groups: torch.Tensor, tol: fl
     """Fraction of groups whose rewards are all (nearly) equal: they carry no learning signal."""
     _, gstd = _group_stats(rewards.float(), groups)
     _, inv = torch.unique(groups, return_inverse=True)
-    per_group = torch.zeros(int(inv.max()) + 1).index_reduce_(0, inv.cpu(), gstd.cpu(), "amax", include_self=False)
+    # scatter_reduce_ is index_reduce_'s stable twin (index_reduce_ warns "is in beta" on every call)
+    per_group = torch.zeros(int(inv.max()) + 1).scatter_reduce_(0, inv.cpu(), gstd.cpu().float(), "amax", include_self=False)
     return float((per_group <= tol).float().mean())
 
 

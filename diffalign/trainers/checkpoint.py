@@ -7,11 +7,14 @@ Layout of ``output_dir/checkpoints/step-000120/``::
     rank-00000.json/.safetensors  per-rank RNG states (python, numpy, torch, noise generator)
                               and data-stream position
     trainer.json              step and trainer counters (written by rank 0)
+    config.yaml               the run's config: resume only continues a checkpoint of the same
+                              config (keys in ``rundir.MAY_DIFFER`` excepted)
     COMPLETE                  written last; a directory without it is partial
 
 A checkpoint is built in ``.tmp-step-N`` and renamed into place, so a kill during the write
 leaves the previous checkpoints intact. ``resume=latest`` walks back from the newest checkpoint
-to the newest one that loads, warning about each one skipped.
+to the newest one that loads, warning about each one skipped; when none loads it says so and
+stops (it does not silently start again from step 0).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import save_config
 from ..errors import UserError
+from .rundir import interrupt_requested, interrupted_error, start_run, step_done, world_readable
 
 COMPLETE = "COMPLETE"
 
@@ -79,9 +84,15 @@ def set_rng_state(meta: dict, tensors: dict[str, torch.Tensor], generator: torch
 def save_checkpoint(
     accelerator, output_dir: str, step: int, module: torch.nn.Module, optimizer, scheduler,
     generator: torch.Generator | None, data_state: dict | None, trainer_state: dict, keep_last: int,
+    config: Any = None,
 ) -> Path | None:
-    """Collective: every rank calls it. Returns the checkpoint dir on rank 0."""
-    from safetensors.torch import save_file
+    """Collective: every rank calls it. Returns the checkpoint dir on rank 0. ``config``: the run's
+    config dataclass, saved beside the weights so a resume can check it continues the same run."""
+    from safetensors.torch import save_file as _save_file
+
+    def save_file(tensors, path):
+        _save_file(tensors, path)
+        world_readable(path)
 
     root = checkpoint_root(output_dir)
     tmp = root / f".tmp-step-{step:06d}"
@@ -102,6 +113,8 @@ def save_checkpoint(
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "trainer.json").write_text(json.dumps({"step": step, "num_processes": accelerator.num_processes, **trainer_state}))
+        if config is not None:
+            save_config(config, tmp / "config.yaml")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / COMPLETE).write_text(str(step))
@@ -138,21 +151,57 @@ def _load_checked(path: Path, num_processes: int) -> dict[str, Any]:
     return out
 
 
-def find_resumable(output_dir: str, resume: str, num_processes: int) -> tuple[Path, dict] | None:
-    """``resume``: ``latest`` (newest loadable checkpoint, or None when there is none) or a path."""
+def _check_config(path: Path, resume: str, cfg) -> None:
+    """Refuse a checkpoint written by a different config, naming the keys. Checkpoints of older
+    diffalign versions carry no config.yaml: then the run directory's is used, if any."""
+    from .rundir import config_diff, read_config
+
+    for source in (path / "config.yaml", path.parent.parent / "config.yaml"):
+        saved = read_config(source)
+        if saved is not None:
+            break
+    else:
+        return
+    diffs = config_diff(saved, cfg)
+    if diffs:
+        shown = ", ".join(diffs[:6]) + (f" and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        raise CheckpointError(f"resume={resume}: checkpoint {path} was written with a different config; differing keys: "
+                              f"{shown}; set them back, or use overwrite=true to start over")
+
+
+def find_resumable(output_dir: str, resume: str, num_processes: int, cfg=None) -> tuple[Path, dict] | None:
+    """``resume``: ``latest`` (newest loadable checkpoint, or None when there is none) or a path.
+    With ``cfg``, a checkpoint of a different config is refused (:func:`_check_config`)."""
     if resume != "latest":
         path = Path(resume)
+        if not path.exists():
+            raise CheckpointError(f"resume={resume!r}: the path does not exist")
         try:
-            return path, _load_checked(path, num_processes)
+            state = _load_checked(path, num_processes)
         except CheckpointError:
             raise
         except Exception as e:
             raise CheckpointError(f"resume={resume!r} cannot be loaded: {type(e).__name__}: {e}") from None
-    for path in reversed(_step_dirs(checkpoint_root(output_dir))):
+        if cfg is not None:
+            _check_config(path, resume, cfg)
+        return path, state
+    candidates = list(reversed(_step_dirs(checkpoint_root(output_dir))))
+    failures = []
+    for path in candidates:
         try:
-            return path, _load_checked(path, num_processes)
+            state = _load_checked(path, num_processes)
         except Exception as e:
+            failures.append(f"{path.name}: {type(e).__name__}: {e}")
             warnings.warn(f"skipping checkpoint {path}: {type(e).__name__}: {e}; trying the previous one", stacklevel=2)
+            continue
+        if cfg is not None:
+            _check_config(path, resume, cfg)
+        return path, state
+    if candidates:  # there was something to resume, and all of it is broken: do not restart from 0 quietly
+        raise CheckpointError(
+            f"resume=latest: none of the {len(candidates)} checkpoint(s) in {checkpoint_root(output_dir)} can be loaded "
+            f"(newest first: {'; '.join(failures[:3])}); remove them to start from step 0, or use overwrite=true"
+        )
     return None
 
 
@@ -162,6 +211,17 @@ def restore(state: dict, accelerator, module: torch.nn.Module, optimizer, schedu
     missing = [n for n in state["params"] if n not in named]
     if missing:
         raise CheckpointError(f"checkpoint parameters not in the model (different LoRA config?): {missing[:3]}")
+    # Before any copy_: a shape mismatch (lora.rank or the base model changed) would otherwise be a
+    # bare "size of tensor a must match" RuntimeError halfway through loading.
+    for n, t in state["params"].items():
+        if tuple(t.shape) != tuple(named[n].shape):
+            raise CheckpointError(
+                f"checkpoint parameter {n} has shape {tuple(t.shape)}, this model's has {tuple(named[n].shape)}: "
+                "the checkpoint was trained with another lora.rank or base model; set them back, or use overwrite=true"
+            )
+    absent = [n for n, p in named.items() if p.requires_grad and n not in state["params"]]
+    if absent:
+        raise CheckpointError(f"trainable parameters missing from the checkpoint (different lora.target_modules?): {absent[:3]}")
     with torch.no_grad():
         for n, t in state["params"].items():
             named[n].copy_(t.to(named[n].device, named[n].dtype))
@@ -193,10 +253,17 @@ class Checkpointer:
         self.generator, self.stream = generator, stream
 
     def resume(self) -> tuple[int, dict]:
-        """(first step to run, trainer state saved with the checkpoint or {})."""
+        """(first step to run, trainer state saved with the checkpoint or {}). The trainers call it
+        right before their loop, so training starts here: :func:`.rundir.start_run` clears what
+        the output-dir guard decided to replace and writes ``config.yaml``."""
+        start = self._resume()
+        start_run(self.cfg, self.accelerator)
+        return start
+
+    def _resume(self) -> tuple[int, dict]:
         if not self.cfg.resume:
             return 1, {}
-        found = find_resumable(self.cfg.output_dir, self.cfg.resume, self.accelerator.num_processes)
+        found = find_resumable(self.cfg.output_dir, self.cfg.resume, self.accelerator.num_processes, self.cfg)
         if found is None:  # resume=latest on a fresh output_dir: start from scratch
             return 1, {}
         path, state = found
@@ -214,10 +281,20 @@ class Checkpointer:
         return trainer["step"] + 1, trainer
 
     def maybe_save(self, step: int, trainer_state: dict, batches_consumed: int) -> None:
+        """After every optimizer step: a checkpoint when one is due, and the stop after a Ctrl-C
+        (a checkpoint of this step when checkpointing is on, then :class:`Interrupted`)."""
         every = self.cfg.checkpoint_every
-        if not every or (step % every and step != self.cfg.max_steps):
-            return
-        data_state = {"batches_consumed": batches_consumed,
-                      "stream": self.stream.state_dict() if self.stream is not None else None}
-        save_checkpoint(self.accelerator, self.cfg.output_dir, step, self.accelerator.unwrap_model(self.module),
-                        self.optimizer, self.scheduler, self.generator, data_state, trainer_state, self.cfg.checkpoints_keep)
+        stop = interrupt_requested()
+        if self.accelerator.num_processes > 1:  # every rank must stop at the same step (collectives)
+            flag = torch.tensor([float(stop)], device=self.accelerator.device)
+            stop = self.accelerator.reduce(flag, reduction="sum").item() > 0
+        due = bool(every) and (step % every == 0 or step == self.cfg.max_steps or stop)
+        if due:
+            data_state = {"batches_consumed": batches_consumed,
+                          "stream": self.stream.state_dict() if self.stream is not None else None}
+            save_checkpoint(self.accelerator, self.cfg.output_dir, step, self.accelerator.unwrap_model(self.module),
+                                   self.optimizer, self.scheduler, self.generator, data_state, trainer_state,
+                                   self.cfg.checkpoints_keep, config=self.cfg)
+        step_done(step, due, self.cfg.max_steps)
+        if stop:
+            raise interrupted_error(step, checkpoint_root(self.cfg.output_dir) / f"step-{step:06d}" if due else None)

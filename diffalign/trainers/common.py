@@ -17,16 +17,21 @@ from typing import Any
 
 import torch
 
-from ..config import save_config
 from ..models import DiffusionAdapter, load_adapter
+from .rundir import check_output_path, fix_safetensors_modes, prepare_output_dir
 
 
 # ------------------------------------------------------------------------------------ setup
 def setup_accelerator(cfg):
-    """An ``Accelerator`` on GPU if there is one, else CPU (``torchrun`` gives multi-process)."""
+    """An ``Accelerator`` on GPU if there is one, else CPU (``torchrun`` gives multi-process).
+
+    Also locks ``output_dir`` and checks it may be written (:mod:`.rundir`), before any model is
+    loaded. ``config.yaml`` is written later, when training starts (:func:`.rundir.start_run`).
+    """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
+    check_output_path(cfg.output_dir)
     log_with = None if cfg.report_to == "none" else cfg.report_to
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
@@ -40,9 +45,8 @@ def setup_accelerator(cfg):
     if torch.cuda.is_available() and cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    prepare_output_dir(cfg, accelerator)
     if accelerator.is_main_process:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
         if log_with:
             accelerator.init_trackers("diffalign", config=_flat(asdict(cfg)))
     return accelerator
@@ -69,8 +73,7 @@ def build_trainable(cfg, accelerator) -> tuple[DiffusionAdapter, list[torch.nn.P
     dtype = weight_dtype_for(accelerator)
     use_lora = cfg.lora.rank > 0
     adapter = load_adapter(cfg.model, cfg.model_opts, dtype=dtype if use_lora else torch.float32, device=accelerator.device)
-    for m in adapter.frozen_modules():
-        m.to(dtype=dtype)
+    adapter.cast_frozen(dtype)  # casts only what is not in dtype yet (a no-op cast still warns)
     net = adapter.denoiser
     if cfg.model_opts.gradient_checkpointing:
         net.enable_gradient_checkpointing()
@@ -226,6 +229,13 @@ def save_final(cfg, accelerator, adapter: DiffusionAdapter, net, final_metrics: 
             weights = "a diffusers pipeline directory"
         (out / "final_state.json").write_text(json.dumps(info, indent=2))
         write_model_card(cfg, out, method_name, weights, final_metrics)
+        # safetensors keeps the 0600 of its private temp file; give ours the mode of every other file
+        if cfg.lora.rank > 0:
+            fix_safetensors_modes(out / weights)
+        else:
+            index = json.loads((out / "model_index.json").read_text())
+            for component in (k for k, v in index.items() if isinstance(v, list) and (out / k).is_dir()):
+                fix_safetensors_modes(out / component)
     accelerator.wait_for_everyone()
     return info
 

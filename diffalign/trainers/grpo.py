@@ -42,6 +42,7 @@ from ..pipelines import (
     ODE_SOLVERS, STEP_KINDS, GuidedModel, RolloutPlan, cat_rollouts, full_plan, make_ode_solver, make_step_kind,
     rollout, sample, sampling_table, split_prediction, tree_plan, window_plan, window_start,
 )
+from ..logging import is_quiet
 from .checkpoint import Checkpointer
 from .advantages import MULTI_REWARD_MODES, STD_MODES, TREE_MODES, rollout_advantages, zero_std_group_fraction
 from .common import (
@@ -442,7 +443,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     train_rows = cfg.train_batch_size or cfg.batch_size
     nonfinite_in_a_row = resumed.get("nonfinite_in_a_row", 0)
 
-    progress = tqdm(range(start_step, cfg.max_steps + 1), desc="grpo", disable=not accelerator.is_main_process)
+    progress = tqdm(range(start_step, cfg.max_steps + 1), desc="grpo", disable=not accelerator.is_main_process or is_quiet())
     for step in progress:
         timer = Timer()
         # window positions: a function of (seed, step) alone, identical on all ranks and after a resume

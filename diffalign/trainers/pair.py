@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..config import BaseTrainConfig, _check
 from ..data.variants import PERTURBATIONS, VariantDataOptions, variant_dataloader
+from ..logging import is_quiet
 from ..losses import (
     diffusion_copg_loss, diffusion_dpo_loss, diffusion_ipo_loss, diffusion_kto_loss, mapo_loss, per_sample_mse, sft_loss,
 )
@@ -262,7 +263,7 @@ def train_pairs(cfg: PairTrainConfig) -> dict:
     timer = Timer()
 
     progress = tqdm(range(start_step, cfg.max_steps + 1), initial=start_step - 1, total=cfg.max_steps,
-                    desc=f"{cfg.method}", disable=not accelerator.is_main_process)
+                    desc=f"{cfg.method}", disable=not accelerator.is_main_process or is_quiet())
     for step in progress:
         sums: dict[str, float] = {}
         skipped_step: dict[str, int] = {}
@@ -318,8 +319,27 @@ def train_pairs(cfg: PairTrainConfig) -> dict:
         ckpt.maybe_save(step, {"skipped_total": skipped_total, "nonfinite_in_a_row": nonfinite_in_a_row}, batches_consumed)
 
     info = save_final(cfg, accelerator, adapter, net, logger.last, cfg.method)
+    if accelerator.is_main_process and skipped_total:
+        used = cfg.max_steps * cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+        print(skipped_rows_line(skipped_total, used))
     accelerator.end_training()
     return {"final": logger.last, **info}
+
+
+SKIP_REASONS = {"bad_image": "undecodable image", "bad_caption": "missing or non-text caption",
+                "bad_label": "unusable preference label", "unlabeled": "no preference label",
+                "tie": "tie (data_opts.drop_ties)", "identical": "identical images (data_opts.drop_identical)"}
+
+
+def skipped_rows_line(skipped: dict[str, int], used: int) -> str:
+    """One console line for the rows the data stream skipped (metrics.jsonl counts them per step)."""
+    total = sum(skipped.values())
+    reasons = sorted(skipped.items(), key=lambda kv: -kv[1])
+    if len(reasons) == 1:
+        why = SKIP_REASONS.get(reasons[0][0], reasons[0][0])
+    else:
+        why = ", ".join(f"{n} {SKIP_REASONS.get(k, k)}" for k, n in reasons)
+    return f"skipped {total} of {total + used} rows: {why} (counted in metrics.jsonl skipped_rows)"
 
 
 @torch.no_grad()
