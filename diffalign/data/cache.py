@@ -170,7 +170,9 @@ def compute_reference_losses(cfg, adapter, out: Path, index: dict, batch_size: i
     """The reference's per-pair MSEs at each pair's fixed draws (``fixed_pair_draws``), stored as
     ``reference.safetensors`` (``ref_w``, ``ref_l`` in row order). The reference is the network as
     loaded: adapters disabled when LoRA is already attached."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+
+    from ..files import save_safetensors as save_file
 
     from ..losses import per_sample_mse
     from ..models import cat_cond
@@ -197,7 +199,7 @@ def compute_reference_losses(cfg, adapter, out: Path, index: dict, batch_size: i
         w, l = per_sample_mse(pred, target).chunk(2)
         ref_w.append(w.cpu())
         ref_l.append(l.cpu())
-    save_file({"ref_w": torch.cat(ref_w), "ref_l": torch.cat(ref_l)}, str(out / "reference.safetensors"))
+    save_file({"ref_w": torch.cat(ref_w), "ref_l": torch.cat(ref_l)}, out / "reference.safetensors")
 
 
 def _check_cacheable(cfg) -> None:
@@ -212,7 +214,7 @@ def _check_cacheable(cfg) -> None:
 @torch.no_grad()
 def build_cache(cfg, adapter, batch_size: int = 16, shard_rows: int = 4096) -> Path:
     """Encode every usable pair of ``cfg.data`` once; returns the cache dir."""
-    from safetensors.torch import save_file
+    from ..files import save_safetensors as save_file
 
     _check_cacheable(cfg)
     out = Path(cfg.data_opts.cache_dir)
@@ -253,7 +255,7 @@ def build_cache(cfg, adapter, batch_size: int = 16, shard_rows: int = 4096) -> P
         nonlocal shard_idx
         flush_batch()
         if shard_tensors:
-            save_file({k: torch.cat(v).contiguous() for k, v in shard_tensors.items()}, str(out / f"shard-{shard_idx:05d}.safetensors"))
+            save_file({k: torch.cat(v).contiguous() for k, v in shard_tensors.items()}, out / f"shard-{shard_idx:05d}.safetensors")
             shard_tensors.clear()
             shard_idx += 1
 
@@ -292,7 +294,7 @@ def build_cache(cfg, adapter, batch_size: int = 16, shard_rows: int = 4096) -> P
     for start in progress(range(0, len(caption_list), batch_size), desc="cache text"):
         for k, v in adapter.encode_prompt(caption_list[start:start + batch_size]).items():
             conds.setdefault(k, []).append(v.float().cpu())
-    save_file({k: torch.cat(v).contiguous() for k, v in conds.items()}, str(out / "captions.safetensors"))
+    save_file({k: torch.cat(v).contiguous() for k, v in conds.items()}, out / "captions.safetensors")
     index = {"fingerprint": fingerprint, "rows": rows, "captions": caption_list,
              "skipped": dict(skipped), "shards": shard_idx}
     if _cached_reference(cfg):

@@ -100,17 +100,36 @@ def load_budget(budget: str, config_dir: Path = CONFIG_DIR) -> dict:
     return budgets[budget]
 
 
+def busy_cores(seconds: float = 0.5) -> float | None:
+    """How many cores other processes keep busy right now (from ``/proc/stat`` over ``seconds``;
+    None where it cannot be read). The load average lags by a minute, so it would blame, say,
+    the ``pip install`` that just finished."""
+    def sample():
+        with open("/proc/stat", encoding="ascii") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + (v[4] if len(v) > 4 else 0)  # total, idle + iowait
+
+    try:
+        t0, i0 = sample()
+        time.sleep(seconds)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    n = os.cpu_count() or 1
+    return n * (1.0 - (i1 - i0) / max(t1 - t0, 1))
+
+
 def cpu_plan(workers: int | None = None) -> tuple[int, str]:
     """How many worker processes to run (one torch thread each), and a line saying why."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if workers is not None:
         return max(1, int(workers)), f"{workers} worker process(es) x 1 torch thread (--workers)"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     n = max(1, min(cores, 4))
     why = f"{n} worker process(es) x 1 torch thread on {cores} core(s)"
-    if load > 0.5:
-        why += (f"; load average {load:.1f}: another process is busy on these cores, so this run will be slower "
-                "(one torch thread per process keeps it from collapsing; --workers 1 leaves a core to the neighbour)")
+    busy = busy_cores()
+    if busy is not None and busy > 0.5:
+        why += (f"; other processes keep {busy:.1f} core(s) busy, so this run will be slower (one torch thread per "
+                "process keeps it from collapsing; --workers 1 leaves a core to the neighbour)")
     return n, why
 
 

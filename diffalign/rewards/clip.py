@@ -321,6 +321,6 @@ class LAIONAesthetic(Reward):
 
 
 def save_aesthetic_head(mlp: AestheticMLP, path: str | os.PathLike) -> None:
-    from safetensors.torch import save_file
+    from ..files import save_safetensors as save_file
 
     save_file({k: v.contiguous() for k, v in mlp.state_dict().items()}, str(path))

@@ -33,6 +33,8 @@ import signal
 import socket
 import sys
 import threading
+
+from ..files import world_readable
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -391,22 +393,6 @@ def interrupted_error(step: int, checkpoint: Path | None) -> Interrupted:
 
 
 # ------------------------------------------------------------------------------------ files
-def _read_umask() -> int:
-    # Read once, at import (in the main thread): os.umask can only be read by setting it, which
-    # is process-wide, so doing it later could race with another thread creating files.
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
-
-
-_UMASK = _read_umask()
-
-
-def world_readable(path: str | Path) -> None:
-    """Give a file we wrote the usual mode (0644 under umask 022). safetensors writes through a
-    private temp file and keeps its 0600, unlike every other file of a run."""
-    with contextlib.suppress(OSError):
-        os.chmod(path, 0o666 & ~_UMASK)
 
 
 def fix_safetensors_modes(root: str | Path) -> None:
