@@ -229,6 +229,15 @@ def test_eval_lora_of_another_base(tiny_model, finished_run, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------ Ctrl-C
+@pytest.fixture
+def terminal_sigint():
+    """SIGINT as at a terminal. A shell starts background jobs (``cmd &``, e.g. a CI script run
+    that way) with SIGINT ignored, and a run started so rightly keeps ignoring it."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _sigint_at_call(monkeypatch, n: int):
     """Send this process a real SIGINT during the n-th training step (inside the loss)."""
     import diffalign.trainers.pair as pair
@@ -246,7 +255,7 @@ def _sigint_at_call(monkeypatch, n: int):
     monkeypatch.setattr(pair, "pair_loss", loss)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_model, data, cfg_file, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_model, data, cfg_file, tmp_path, capsys, monkeypatch, terminal_sigint):
     model, out = tiny_model("sd15"), tmp_path / "run"
     _sigint_at_call(monkeypatch, 2)
     rc, _, err = train(capsys, cfg_file, model, data, out, "max_steps=4", "checkpoint_every=10")
@@ -262,7 +271,7 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_model, data, cfg_
     assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
-def test_ctrl_c_without_checkpointing(tiny_model, data, cfg_file, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_without_checkpointing(tiny_model, data, cfg_file, tmp_path, capsys, monkeypatch, terminal_sigint):
     out = tmp_path / "run"
     _sigint_at_call(monkeypatch, 1)
     rc, _, err = train(capsys, cfg_file, tiny_model("sd15"), data, out, "max_steps=3")

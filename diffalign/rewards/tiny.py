@@ -176,7 +176,7 @@ BUILDERS = {
 }
 
 # The reward spec name for each tiny kind (``clip`` builds a ``clipscore`` model).
-REWARD_FOR_KIND = {"clip": "clipscore", "pickscore": "pickscore", "hpsv2": "hpsv2", "aesthetic": "aesthetic",
+REWARD_FOR_KIND = {"clip": "clipscore", "clipscore": "clipscore", "pickscore": "pickscore", "hpsv2": "hpsv2", "aesthetic": "aesthetic",
                    "imagereward": "imagereward"}
 
 
