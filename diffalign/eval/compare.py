@@ -96,6 +96,7 @@ def plot_curves(metric_runs: dict[str, list[dict]], out: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     keys = [k for k in ("reward_mean", "loss", "implicit_acc") if any(any(k in m for m in ms) for ms in metric_runs.values())]
     if not keys:
@@ -106,8 +107,9 @@ def plot_curves(metric_runs: dict[str, list[dict]], out: Path) -> Path | None:
             pts = [(m.get("step", i), m[key]) for i, m in enumerate(ms) if isinstance(m.get(key), (int, float))]
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, label=name, lw=1.2)
+                ax.plot(xs, ys, label=name, lw=1.2, marker="." if len(xs) < 50 else None)  # a lone point stays visible
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.set_ylabel(key)
         ax.set_title(f"{key} vs step")
         ax.grid(alpha=0.3)

@@ -83,6 +83,9 @@ def online_curves(runs: dict[str, Path], out: Path) -> tuple[Path | None, dict[s
     axes[0].set_ylabel("testbed reward")
     axes[0].set_title("reward against wall-clock")
     axes[1].set_xlabel("training step")
+    from matplotlib.ticker import MaxNLocator
+
+    axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     axes[1].set_ylabel("train reward (batch mean)")
     axes[1].set_title("train reward against step")
     for ax in axes:
