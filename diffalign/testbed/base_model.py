@@ -12,11 +12,15 @@ in ``seed``:
    random byte-level encoder makes colour/shape binding slow to learn) or stays frozen at
    its random init (different captions still give different token embeddings;
    :func:`prompt_separability` checks it);
-3. the UNet is trained from scratch, epsilon-prediction on the SD1.5 noise schedule, with
-   ``cfg_dropout`` of the captions replaced by "" (for classifier-free guidance) and an
-   EMA of the weights, for ``steps`` steps.
+3. the denoiser is trained from scratch, with ``cfg_dropout`` of the captions replaced by ""
+   (for classifier-free guidance) and an EMA of the weights, for ``steps`` steps:
+   ``family="sd15"``: a UNet, epsilon prediction on the SD1.5 noise schedule, DDIM sampler;
+   ``family="sd3"``: an SD3-layout MMDiT with two CLIP encoders and no T5, rectified flow
+   (velocity target, logit-normal sigma), flow-matching Euler sampler.
+   ``init_from`` continues another budget's base instead (its VAE, encoders and denoiser).
 
-The pipeline is saved in diffusers format with a DDIM sampler and cached under
+The training images use ``style`` (the job's bases: ``"tinted"`` backgrounds). The pipeline is
+saved in diffusers format and cached under
 ``~/.cache/diffalign/testbed/base-<hash>`` (``$DIFFALIGN_CACHE`` overrides the root), keyed
 by every hyperparameter, so the second call is instant.
 """
