@@ -316,7 +316,6 @@ def run_testbed_compare(out: str, budget: str = "quick", methods: list[str] | No
     t0 = time.perf_counter()
     bases = {"unet": str(get_base_model(b["base"], force=force_base, log=log)),
              "flow": str(get_base_model(b["flow_base"], force=force_base, log=log))}
-    flow_tokens = BUDGETS[b["flow_base"]].max_sequence_length
     base_seconds = time.perf_counter() - t0
     log(f"[testbed-compare] bases: UNet {bases['unet']}, flow {bases['flow']} ({base_seconds:.0f}s)")
     scene = BUDGETS[b["base"]].scene  # prompts from the world the bases were trained on
@@ -343,8 +342,6 @@ def run_testbed_compare(out: str, budget: str = "quick", methods: list[str] | No
         kind_ov = b.get("grpo_overrides" if m.online else "pair_overrides") or []
         if m.online:
             data_ov = [f"data={files['train']}", f"eval.data={files['eval_subset']}"]
-            if m.base == "flow":
-                data_ov.append(f"model_opts.max_sequence_length={flow_tokens}")
         else:
             data_ov = [f"data={out_dir / 'data' / m.data}"]
         overrides = [f"model={bases[m.base]}", f"output_dir={run_dir}", *data_ov, *common_ov,
@@ -363,8 +360,7 @@ def run_testbed_compare(out: str, budget: str = "quick", methods: list[str] | No
             kind = who[5:] if who.startswith("base_") else table[who].base
             ev_dir = out_dir / "eval" / split / who
             kw = {**eval_common, "seeds": seeds, "model": bases[kind], "prompts": files[split], "out": str(ev_dir),
-                  "label": who, "lora": None if who.startswith("base_") else str(out_dir / "runs" / who),
-                  "max_sequence_length": flow_tokens if kind == "flow" else None}
+                  "label": who, "lora": None if who.startswith("base_") else str(out_dir / "runs" / who)}
             n_img = len(splits[split]) * seeds
             sched.add(Task(f"eval:{split}:{who}", _eval, (kw,), deps=() if who.startswith("base_") else (f"train:{who}",),
                            weight=n_img / 100, log=str(ev_dir.with_suffix(".log"))))
