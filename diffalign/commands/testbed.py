@@ -26,9 +26,12 @@ def cmd_testbed_compare(args) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..testbed.base_model import BUDGETS  # plain dataclasses: no torch import
+
     p = sub.add_parser("testbed-base", help="train (or show the cached) testbed base model")
-    p.add_argument("--budget", choices=["quick", "quick_flow", "full", "full_flow"], default="full",
-                   help="full: the UNet base; full_flow: the flow-matching (SD3-layout) base; quick*: seconds-long smoke versions")
+    p.add_argument("--budget", choices=list(BUDGETS), default="full",
+                   help="full: the UNet base; full_flow: the flow-matching (SD3-layout) base; flow_pre/flow_long: the "
+                        "stages before/after it; quick*: seconds-long smoke versions")
     p.add_argument("--force", action="store_true", help="retrain even if shipped or cached")
     p.add_argument("--out", default=None, help="train into this directory (default: the cache)")
     p.set_defaults(func=cmd_testbed_base)

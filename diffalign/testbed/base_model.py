@@ -108,6 +108,9 @@ BUDGETS: dict[str, BaseModelConfig] = {
                                 learning_rate=1e-3, train_text_encoder=True, scene=JOB_SCENE, style="tinted"),
 }
 BUDGETS["full_flow"] = replace(BUDGETS["flow_pre"], init_from="flow_pre", steps=4000, warmup_steps=50, seed=1)
+# shapes were still improving at 7000 steps (colour was already right): 8000 more denoiser steps,
+# text encoders frozen (a third of the step time)
+BUDGETS["flow_long"] = replace(BUDGETS["full_flow"], init_from="full_flow", steps=8000, train_text_encoder=False, seed=2)
 
 #: The trained ``full`` / ``full_flow`` bases, shipped with the package (reproduce one with
 #: ``diffalign testbed-base --budget full --force --out diffalign/testbed/assets/base``).
