@@ -9,6 +9,10 @@ class UserError(Exception):
     """Bad input from the user: a config key, a file, a column. The message names it."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config problem, always naming the offending key (``diffalign.config`` re-exports it)."""
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C, with a message saying where the run stopped and how to go on (CLI exit code 130).
     A ``KeyboardInterrupt`` so that code catching Ctrl-C still sees it as one."""

@@ -19,7 +19,7 @@ from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-from .config import ConfigError
+from .errors import ConfigError
 
 # (folder under diffalign/configs, heading, how to use it) in the order ``diffalign recipes`` lists them
 KINDS = (

@@ -7,10 +7,20 @@ import pytest
 import torch
 
 from diffalign.config import LoraOptions, ModelOptions
-from diffalign.models import AttentionError, SD3Adapter, SDXLAdapter, UNetAdapter, UnsupportedModelError, load_adapter
+from diffalign.models import FAMILIES, AttentionError, UnsupportedModelError, detect_family, load_adapter
+from diffalign.models.tiny import BUILDERS
+
+# every family by its own tiny model, plus the tiny variants of a family (sd21: sd15 with v-prediction)
+KINDS = [*((name, cls) for name, cls in FAMILIES.items()), ("sd21", FAMILIES["sd15"])]
 
 
-@pytest.mark.parametrize("kind,cls", [("sd15", UNetAdapter), ("sd21", UNetAdapter), ("sdxl", SDXLAdapter), ("sd3", SD3Adapter)])
+def test_every_family_has_a_tiny_builder_and_its_pipeline_class():
+    for name, cls in FAMILIES.items():
+        assert cls.family == name and name in BUILDERS and cls.pipeline_class
+    assert len({cls.pipeline_class for cls in FAMILIES.values()}) == len(FAMILIES)
+
+
+@pytest.mark.parametrize("kind,cls", KINDS)
 def test_tiny_models_load_offline_and_detect_family(tiny_model, kind, cls):
     from diffusers import DiffusionPipeline
 
@@ -21,6 +31,7 @@ def test_tiny_models_load_offline_and_detect_family(tiny_model, kind, cls):
     assert pipe.tokenizer is not None
     adapter = load_adapter(path)
     assert type(adapter) is cls
+    assert detect_family(path) == cls.family
     cond = adapter.encode_prompt(["a red cat", ""])
     assert all(v.shape[0] == 2 for v in cond.values())
     # different prompts give different conditioning (the tokenizer is real)

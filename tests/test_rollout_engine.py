@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffalign.models import load_adapter
+from diffalign.models import FAMILIES, load_adapter
 from diffalign.pipelines import (
     GuidedModel, cat_rollouts, full_plan, make_step_kind, rollout, sample, sampling_table, split_prediction,
     tree_plan, window_plan,
@@ -53,7 +53,7 @@ def _noise(adapter, n, seed=0):
     return torch.randn((n, *adapter.latent_shape(32, 32)), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("kind", ["sd15", "sd3"])
+@pytest.mark.parametrize("kind", list(FAMILIES))
 def test_cfg_is_one_batched_forward_per_step(tiny, kind):
     adapter = tiny(kind)
     counter = CallCounter(adapter.denoiser)

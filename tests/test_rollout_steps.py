@@ -10,6 +10,7 @@ import torch
 from torch.distributions import Normal
 
 from diffalign.losses import gaussian_log_prob
+from diffalign.models import SD3Adapter, UNetAdapter
 from diffalign.pipelines import (
     CPSStep, DanceSDEStep, DDIMStep, DPMSolver2M, EulerODE, FlowSDEStep, HeunODE, StepCoeffs, full_plan, make_step_kind,
     sampling_table, split_prediction, tree_plan, window_plan, window_start,
@@ -26,15 +27,21 @@ def _unet_adapter(prediction_type="epsilon", set_alpha_to_one=None):
                           clip_sample=False, steps_offset=1, prediction_type=prediction_type)
     if kw:
         sched.register_to_config(**kw)
-    return SimpleNamespace(is_flow=False, prediction_type=prediction_type, noise_scheduler=sched,
-                           pipe=SimpleNamespace(scheduler=sched), num_train_timesteps=1000)
+    return _bare(UNetAdapter, sched)
 
 
 def _flow_adapter(shift=3.0):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
-    return SimpleNamespace(is_flow=True, noise_scheduler=sched, pipe=SimpleNamespace(scheduler=sched), num_train_timesteps=1000)
+    return _bare(SD3Adapter, sched)
+
+
+def _bare(cls, sched):
+    """The family's adapter with only its schedulers (no networks): the schedule is the adapter's."""
+    adapter = cls.__new__(cls)
+    adapter.noise_scheduler, adapter.pipe = sched, SimpleNamespace(scheduler=sched)
+    return adapter
 
 
 def _rand(*shape, seed=0):
@@ -276,3 +283,21 @@ def test_coeffs_index():
     co = sampling_table(_flow_adapter(), 4).coeffs(torch.tensor([0, 1, 2, 3]))
     sub = co.index(torch.tensor([1, 3]))
     assert isinstance(sub, StepCoeffs) and sub.sigma.shape == (2,)
+
+
+def test_a_family_with_dynamic_shifting_only_overrides_its_adapter():
+    """FLUX-style sampling (``set_timesteps`` needs ``mu`` from the image sequence length) is one
+    adapter override: ``sampling_table`` passes the image size through and the table follows it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    class DynamicShiftAdapter(SD3Adapter):
+        def set_timesteps_kwargs(self, num_steps, height, width):
+            seq_len = (height // 16) * (width // 16)  # 2x2-patchified latents of an 8x VAE
+            return {"mu": 0.5 + (1.15 - 0.5) * (seq_len - 256) / (4096 - 256)}
+
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, use_dynamic_shifting=True)
+    small, large = (sampling_table(_bare(DynamicShiftAdapter, sched), 4, height=h, width=h) for h in (256, 1024))
+    assert float(small.sigma[0]) == pytest.approx(1.0) and float(small.sigma_next[-1]) == 0.0
+    assert (large.sigma[1:] > small.sigma[1:]).all()  # bigger images: more shift toward noise
+    with pytest.raises(ValueError, match="mu"):  # the plain flow adapter has no mu to give
+        sampling_table(_bare(SD3Adapter, sched), 4)

@@ -7,16 +7,11 @@ import time
 
 
 def tiny_builders() -> dict:
-    """Every ``tiny-model`` KIND: model families, then reward models (when that package has them)."""
+    """Every ``tiny-model`` KIND: model families, then reward models."""
     from ..models.tiny import BUILDERS
+    from ..rewards.tiny import BUILDERS as REWARD_BUILDERS
 
-    builders = dict(BUILDERS)
-    try:
-        from ..rewards.tiny import BUILDERS as REWARD_BUILDERS
-    except ImportError:
-        REWARD_BUILDERS = {}
-    builders.update(REWARD_BUILDERS)
-    return builders
+    return {**BUILDERS, **REWARD_BUILDERS}
 
 
 def cmd_train(args) -> int:

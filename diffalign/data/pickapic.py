@@ -29,7 +29,7 @@ from ..errors import UserError
 REQUIRED_COLUMNS = ("jpg_0", "jpg_1", "label_0")
 
 
-def _parquet_files(source: str) -> list[str] | None:
+def parquet_files(source: str) -> list[str] | None:
     if any(ch in source for ch in "*?["):
         files = sorted(glob.glob(source))
         return files or None
@@ -42,6 +42,9 @@ def _parquet_files(source: str) -> list[str] | None:
     return None
 
 
+_parquet_files = parquet_files  # old name, still imported by data/cache.py until its rewrite lands (tests/test_layers.py)
+
+
 def load_raw_dataset(source: str, opts) -> Any:
     """``source`` (hub id, dataset dir, parquet file(s) or glob) as a ``datasets`` Dataset, or an
     IterableDataset when ``opts.streaming``; one clear error when it cannot be loaded."""
@@ -49,7 +52,7 @@ def load_raw_dataset(source: str, opts) -> Any:
 
     if not source:
         raise UserError("config key 'data' is empty: give a hub id, a dataset dir or parquet file(s)")
-    files = _parquet_files(source)
+    files = parquet_files(source)
     try:
         if files is not None:
             return datasets.load_dataset("parquet", data_files={"train": files}, split="train", streaming=opts.streaming)

@@ -18,12 +18,15 @@ SUBJECTS = ["a cat", "a dog", "a house", "a tree", "a car", "a boat", "a flower"
 STYLES = ["at sunset", "in watercolor", "at noon", "in the snow", "as a sketch", "on a beach"]
 
 
-def _jpeg(arr: np.ndarray, quality: int = 90) -> bytes:
+def jpeg_bytes(arr: np.ndarray, quality: int = 90) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+_jpeg = jpeg_bytes  # old name, still imported by data/variants.py until its rewrite lands (tests/test_layers.py)
 
 
 def toy_preferred_image(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -50,7 +53,7 @@ def make_toy_pickapic_rows(n: int, size: int = 64, seed: int = 0, tie_fraction: 
         "model_0", "model_1", "ranking_id", "user_id", "best_image_uid", "image_0_uid", "image_1_uid")}
     for i in range(n):
         caption = f"{SUBJECTS[rng.integers(len(SUBJECTS))]} {STYLES[rng.integers(len(STYLES))]}"
-        good, bad = _jpeg(toy_preferred_image(rng, size)), _jpeg(toy_rejected_image(rng, size))
+        good, bad = jpeg_bytes(toy_preferred_image(rng, size)), jpeg_bytes(toy_rejected_image(rng, size))
         tie = rng.random() < tie_fraction
         chosen_second = (not tie) and rng.random() < 0.5
         img0, img1 = (bad, good) if chosen_second else (good, bad)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .preference import _implicit_accuracy
+from .preference import implicit_accuracy
 
 
 def _mean_or_zero(x: torch.Tensor) -> torch.Tensor:
@@ -66,7 +66,7 @@ def diffusion_kto_loss(
     inside = torch.cat([r_d - z, z - r_u]).detach()
     n = inside.numel()
     metrics = {
-        "implicit_acc": _implicit_accuracy(inside),
+        "implicit_acc": implicit_accuracy(inside),
         "kl": z,
         "reward_d": _mean_or_zero(r_d.detach()),
         "reward_u": _mean_or_zero(r_u.detach()),
@@ -115,7 +115,7 @@ def diffusion_ipo_loss(
     target = 1.0 / (2.0 * tau)
     loss = ((h - target) ** 2).mean()
     metrics = {
-        "implicit_acc": _implicit_accuracy(h.detach()),
+        "implicit_acc": implicit_accuracy(h.detach()),
         "reward_margin": h.detach().mean(),
         "target_margin": torch.tensor(target),
         "mse_w": model_losses_w.detach().mean(),
@@ -168,7 +168,7 @@ def diffusion_copg_loss(
     gap = gap.expand_as(h)
     loss = (0.5 * (gap - h) ** 2).mean()
     metrics = {
-        "implicit_acc": _implicit_accuracy(h.detach()),
+        "implicit_acc": implicit_accuracy(h.detach()),
         "reward_margin": h.detach().mean(),
         "reward_gap": gap.detach().mean(),
         "mse_w": model_losses_w.detach().mean(),

@@ -23,7 +23,7 @@ def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return err.reshape(err.shape[0], -1).mean(dim=1)
 
 
-def _implicit_accuracy(inside: torch.Tensor) -> torch.Tensor:
+def implicit_accuracy(inside: torch.Tensor) -> torch.Tensor:
     # Ties (inside == 0, e.g. at initialisation when model == reference) count as half right,
     # as in the Diffusion-DPO reference release.
     return ((inside > 0).float() + 0.5 * (inside == 0).float()).mean()
@@ -61,7 +61,7 @@ def diffusion_dpo_loss(
     inside = -0.5 * beta * (model_diff - ref_diff)
     loss = -F.logsigmoid(inside).mean()
     metrics = {
-        "implicit_acc": _implicit_accuracy(inside.detach()),
+        "implicit_acc": implicit_accuracy(inside.detach()),
         "reward_margin": inside.detach().mean(),
         "mse_w": model_losses_w.detach().mean(),
         "mse_l": model_losses_l.detach().mean(),
@@ -107,7 +107,7 @@ def mapo_loss(
     ratio_loss = -beta * ratio.mean()
     loss = model_losses_w.mean() + ratio_loss
     metrics = {
-        "implicit_acc": _implicit_accuracy(margin.detach()),
+        "implicit_acc": implicit_accuracy(margin.detach()),
         "reward_margin": margin.detach().mean(),
         "ratio_loss": ratio_loss.detach(),
         "mse_w": model_losses_w.detach().mean(),
@@ -131,5 +131,5 @@ def sft_loss(
     metrics = {"mse_w": model_losses_w.detach().mean()}
     if model_losses_l is not None:
         metrics["mse_l"] = model_losses_l.detach().mean()
-        metrics["implicit_acc"] = _implicit_accuracy((model_losses_l - model_losses_w).detach())
+        metrics["implicit_acc"] = implicit_accuracy((model_losses_l - model_losses_w).detach())
     return loss, metrics

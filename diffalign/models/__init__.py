@@ -5,16 +5,18 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
-from .base import AttentionError, Cond, DiffusionAdapter, cat_cond, index_cond, repeat_cond
+from .base import AttentionError, Cond, DiffusionAdapter, SamplingSchedule, cat_cond, index_cond, repeat_cond
+from .flow import FlowMatchAdapter
 from .sd3 import SD3Adapter
 from .unet import SDXLAdapter, UNetAdapter
 
-# pipeline class in model_index.json -> (adapter, diffusers pipeline class name, extra load kwargs)
-FAMILIES: dict[str, tuple[type[DiffusionAdapter], str, dict]] = {
-    "StableDiffusionPipeline": (UNetAdapter, "StableDiffusionPipeline", {"safety_checker": None, "requires_safety_checker": False}),
-    "StableDiffusionXLPipeline": (SDXLAdapter, "StableDiffusionXLPipeline", {}),
-    "StableDiffusion3Pipeline": (SD3Adapter, "StableDiffusion3Pipeline", {}),
-}
+# Every supported family, by name (``adapter.family``, also the name of its tiny builder in
+# ``models.tiny.BUILDERS``). A new family is one adapter module here plus one line in this table
+# (and its tiny builder): the adapter carries its pipeline class, load kwargs, training noise,
+# sampling schedule and inversion, so nothing outside ``models/`` branches on the family.
+FAMILIES: dict[str, type[DiffusionAdapter]] = {cls.family: cls for cls in (UNetAdapter, SDXLAdapter, SD3Adapter)}
+# pipeline class name in model_index.json -> adapter class
+PIPELINES: dict[str, type[DiffusionAdapter]] = {cls.pipeline_class: cls for cls in FAMILIES.values()}
 
 
 class UnsupportedModelError(UserError, ValueError):
@@ -22,7 +24,8 @@ class UnsupportedModelError(UserError, ValueError):
 
 
 def detect_family(model: str, revision: str | None = None) -> str:
-    """The pipeline class name recorded in ``model_index.json`` (local dir or hub id)."""
+    """The family (a key of :data:`FAMILIES`) of the pipeline class recorded in ``model_index.json``
+    (local dir or hub id)."""
     from diffusers import DiffusionPipeline
 
     try:
@@ -33,9 +36,9 @@ def detect_family(model: str, revision: str | None = None) -> str:
             "Give a diffusers pipeline directory or a hub id (needs network), e.g. a dir written by `diffalign tiny-model sd15 DIR`."
         ) from None
     name = index.get("_class_name", "")
-    if name not in FAMILIES:
-        raise UnsupportedModelError(f"model={model!r} is a {name or 'unknown'} pipeline; supported: {', '.join(FAMILIES)}")
-    return name
+    if name not in PIPELINES:
+        raise UnsupportedModelError(f"model={model!r} is a {name or 'unknown'} pipeline; supported: {', '.join(PIPELINES)}")
+    return PIPELINES[name].family
 
 
 def load_adapter(model: str, opts=None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DiffusionAdapter:
@@ -49,9 +52,8 @@ def load_adapter(model: str, opts=None, dtype: torch.dtype = torch.float32, devi
     from ..config import ModelOptions
 
     opts = opts or ModelOptions()
-    name = detect_family(model, opts.revision)
-    adapter_cls, pipe_cls_name, extra = FAMILIES[name]
-    kwargs = dict(extra)
+    adapter_cls = FAMILIES[detect_family(model, opts.revision)]
+    kwargs = dict(adapter_cls.pipeline_kwargs)
     # components saved as absent ([null, null], e.g. SD3 without its T5 encoder) load as None
     index = diffusers.DiffusionPipeline.load_config(model, revision=opts.revision)
     kwargs.update({k: None for k, v in index.items() if isinstance(v, list) and v == [None, None] and k not in kwargs})
@@ -60,7 +62,7 @@ def load_adapter(model: str, opts=None, dtype: torch.dtype = torch.float32, devi
     with library_call():  # the libraries' nested "Loading ..." bars leave ESC[A in logs
         if opts.vae:
             kwargs["vae"] = diffusers.AutoencoderKL.from_pretrained(opts.vae, dtype=dtype)
-        pipe = getattr(diffusers, pipe_cls_name).from_pretrained(
+        pipe = getattr(diffusers, adapter_cls.pipeline_class).from_pretrained(
             model, revision=opts.revision, variant=opts.variant, dtype=dtype, **kwargs
         )
     pipe.set_progress_bar_config(disable=True)
@@ -70,6 +72,6 @@ def load_adapter(model: str, opts=None, dtype: torch.dtype = torch.float32, devi
 
 
 __all__ = [
-    "AttentionError", "Cond", "DiffusionAdapter", "FAMILIES", "SD3Adapter", "SDXLAdapter", "UNetAdapter",
-    "UnsupportedModelError", "cat_cond", "detect_family", "index_cond", "load_adapter", "repeat_cond",
+    "AttentionError", "Cond", "DiffusionAdapter", "FAMILIES", "FlowMatchAdapter", "PIPELINES", "SD3Adapter",
+    "SDXLAdapter", "SamplingSchedule", "UNetAdapter", "UnsupportedModelError", "cat_cond", "detect_family", "index_cond", "load_adapter", "repeat_cond",
 ]

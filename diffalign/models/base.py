@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -41,6 +42,29 @@ class AttentionError(UserError, RuntimeError):
     pass
 
 
+@dataclass
+class SamplingSchedule:
+    """An ``S``-step sampling schedule in the one notation ``x = alpha x0 + sigma eps`` of every family.
+
+    Plain data, what :meth:`DiffusionAdapter.sampling_schedule` returns: for each step the model
+    timestep it is evaluated at, where it lands, and the coefficients before and after it.
+    ``pipelines.schedules.SamplingTable`` adds the per-step lookups the rollout engine needs.
+    """
+
+    parametrization: str  # epsilon | v_prediction | flow
+    timesteps: torch.Tensor  # [S] model input timestep of each step (float32)
+    next_timesteps: torch.Tensor  # [S] model timestep where the step lands; < 0: none (terminal)
+    alpha: torch.Tensor  # [S]
+    sigma: torch.Tensor  # [S]
+    alpha_next: torch.Tensor  # [S]
+    sigma_next: torch.Tensor  # [S]
+    sigma_cap: float  # flow-space sigma Flow-SDE uses in place of s = 1
+
+
+# predict(x, timesteps) -> the (reference) network output in the adapter's prediction space
+Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 SDPA_KERNELS = ("flash", "efficient", "math", "cudnn")
 
 
@@ -64,7 +88,9 @@ def pin_sdpa_kernel(name: str | None) -> None:
 class DiffusionAdapter:
     """Base class; subclasses set the class attributes and implement the abstract methods."""
 
-    family: str = "base"
+    family: str = "base"  # the key in ``models.FAMILIES`` and the name of its tiny builder
+    pipeline_class: str = ""  # diffusers pipeline class name in model_index.json ("" = abstract)
+    pipeline_kwargs: dict[str, Any] = {}  # extra from_pretrained kwargs of that pipeline (copied per load)
     is_flow: bool = False
     denoiser_name: str = "unet"  # attribute of the pipeline holding the trainable network
     default_lora_targets: tuple[str, ...] = ()
@@ -265,6 +291,19 @@ class DiffusionAdapter:
         raise NotImplementedError
 
     def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Cond, denoiser: Any = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sampling_schedule(self, num_steps: int, height: int | None = None, width: int | None = None) -> SamplingSchedule:
+        """The ``num_steps``-step sampling schedule of this checkpoint (CPU tensors), as the family's
+        diffusers pipeline would sample at ``height`` x ``width`` pixels (None: the size does not
+        matter, or the family's default). A family whose schedule depends on the image size (FLUX's
+        dynamic shifting: ``mu`` from the image sequence length) computes that here."""
+        raise NotImplementedError
+
+    def invert(self, predict: Predict, latents: torch.Tensor, timesteps: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """InPO noising: ``(x_t, target)`` like :meth:`noisy_input_and_target`, with ``x_t`` the
+        deterministic inversion of ``latents`` to ``timesteps`` in ``steps`` steps of ``predict``
+        (the reference model), and ``target`` the prediction that ``x_t`` implies."""
         raise NotImplementedError
 
 

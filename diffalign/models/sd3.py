@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from .base import Cond, DiffusionAdapter
+from .base import Cond
+from .flow import FlowMatchAdapter
 
 
 def zero_t5_tokens(pipe) -> int | None:
@@ -26,18 +27,12 @@ def zero_t5_tokens(pipe) -> int | None:
         return None
 
 
-class SD3Adapter(DiffusionAdapter):
-    """Rectified flow: x_t = (1 - sigma) x_0 + sigma * noise, target v = noise - x_0.
-
-    Timesteps are ``sigma * num_train_timesteps`` (floats), drawn from the checkpoint's shifted
-    sigma table, as diffusers' SD3 training scripts do; ``model_opts.timestep_sampling`` picks the
-    density (uniform, logit_normal, mode) of SD3's paper.
-    """
+class SD3Adapter(FlowMatchAdapter):
+    """SD3 / SD3.5: three text encoders (T5 optional), pooled projections, joint-attention MMDiT."""
 
     family = "sd3"
-    is_flow = True
+    pipeline_class = "StableDiffusion3Pipeline"
     denoiser_name = "transformer"
-    lora_keys_in_diffusers_format = False
     # Joint-attention projections of every MMDiT block (diffusers' SD3 LoRA default).
     default_lora_targets = (
         "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -45,16 +40,8 @@ class SD3Adapter(DiffusionAdapter):
     )
 
     def __init__(self, pipe, model_id: str, opts) -> None:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        self.noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
         super().__init__(pipe, model_id, opts)
         self.max_sequence_length = zero_t5_tokens(pipe) or opts.max_sequence_length
-
-    @property
-    def train_sigmas(self) -> torch.Tensor:
-        """The shifted sigma table, descending, one per training timestep."""
-        return self.noise_scheduler.sigmas[: self.num_train_timesteps].float()
 
     def encode_prompt(self, prompts: list[str]) -> Cond:
         prompts = list(prompts)
@@ -65,30 +52,6 @@ class SD3Adapter(DiffusionAdapter):
                 max_sequence_length=self.max_sequence_length,
             )
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
-
-    def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        from diffusers.training_utils import compute_density_for_timestep_sampling
-
-        o = self.opts
-        if o.timestep_sampling == "uniform":
-            u = torch.rand(n, generator=generator)
-        else:
-            # diffusers' helper draws from the global RNG; fork so `generator` alone decides.
-            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                u = compute_density_for_timestep_sampling(
-                    o.timestep_sampling, n, logit_mean=o.logit_mean, logit_std=o.logit_std, mode_scale=o.mode_scale
-                )
-        idx = (u * self.num_train_timesteps).long().clamp(0, self.num_train_timesteps - 1)
-        return self.train_sigmas[idx] * self.num_train_timesteps
-
-    def sigma(self, timesteps: torch.Tensor) -> torch.Tensor:
-        return timesteps.float() / self.num_train_timesteps
-
-    def noisy_input_and_target(self, latents, noise, timesteps):
-        s = self.sigma(timesteps).to(latents.device).view(-1, *([1] * (latents.ndim - 1)))
-        return (1.0 - s) * latents + s * noise, noise - latents
 
     def predict(self, x_t, timesteps, cond: Cond, denoiser: Any = None) -> torch.Tensor:
         net = denoiser if denoiser is not None else self.denoiser

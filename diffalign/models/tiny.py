@@ -52,7 +52,7 @@ def tiny_clip_tokenizer(save_dir: str | os.PathLike | None = None):
     return tok
 
 
-def _tiny_clip_text_config(projection_dim: int = TINY_TEXT_DIM, hidden: int = TINY_TEXT_DIM):
+def tiny_clip_text_config(projection_dim: int = TINY_TEXT_DIM, hidden: int = TINY_TEXT_DIM):
     from transformers import CLIPTextConfig
 
     tok_vocab = 514
@@ -137,7 +137,7 @@ def build_sd15(out: str | os.PathLike, seed: int = 0, prediction_type: str = "ep
     )
     pipe = StableDiffusionPipeline(
         vae=_tiny_vae(),
-        text_encoder=CLIPTextModel(_tiny_clip_text_config()),
+        text_encoder=CLIPTextModel(tiny_clip_text_config()),
         tokenizer=tiny_clip_tokenizer(),
         unet=unet,
         scheduler=scheduler,
@@ -184,8 +184,8 @@ def build_sdxl(out: str | os.PathLike, seed: int = 0) -> Path:
     )
     pipe = StableDiffusionXLPipeline(
         vae=_tiny_vae(),
-        text_encoder=CLIPTextModel(_tiny_clip_text_config()),
-        text_encoder_2=CLIPTextModelWithProjection(_tiny_clip_text_config()),
+        text_encoder=CLIPTextModel(tiny_clip_text_config()),
+        text_encoder_2=CLIPTextModelWithProjection(tiny_clip_text_config()),
         tokenizer=tiny_clip_tokenizer(),
         tokenizer_2=tiny_clip_tokenizer(),
         unet=unet,
@@ -253,9 +253,9 @@ def build_sd3(out: str | os.PathLike, seed: int = 0) -> Path:
         transformer=transformer,
         scheduler=scheduler,
         vae=_tiny_vae(shifted=True),
-        text_encoder=CLIPTextModelWithProjection(_tiny_clip_text_config()),
+        text_encoder=CLIPTextModelWithProjection(tiny_clip_text_config()),
         tokenizer=tiny_clip_tokenizer(),
-        text_encoder_2=CLIPTextModelWithProjection(_tiny_clip_text_config()),
+        text_encoder_2=CLIPTextModelWithProjection(tiny_clip_text_config()),
         tokenizer_2=tiny_clip_tokenizer(),
         text_encoder_3=t5,
         tokenizer_3=t5_tok,

@@ -6,13 +6,15 @@ from typing import Any
 
 import torch
 
-from .base import Cond, DiffusionAdapter
+from .base import Cond, DiffusionAdapter, Predict, SamplingSchedule
 
 
 class UNetAdapter(DiffusionAdapter):
     """Discrete-time DDPM backbones. Timesteps are integers in [0, num_train_timesteps)."""
 
     family = "sd15"
+    pipeline_class = "StableDiffusionPipeline"
+    pipeline_kwargs = {"safety_checker": None, "requires_safety_checker": False}
     is_flow = False
     denoiser_name = "unet"
     # Attention projections, as diffusers' DPO/LoRA examples target.
@@ -68,9 +70,53 @@ class UNetAdapter(DiffusionAdapter):
     def _added_cond(self, x_t, cond, dtype):
         return None
 
+    def sampling_schedule(self, num_steps: int, height: int | None = None, width: int | None = None) -> SamplingSchedule:
+        """diffusers' ``DDIMScheduler`` timesteps of the checkpoint's own scheduler config (spacing,
+        ``steps_offset``, ``set_alpha_to_one``), whatever sampler the pipeline ships with."""
+        from diffusers import DDIMScheduler
+
+        ddim = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        ddim.set_timesteps(num_steps)
+        ts = ddim.timesteps.long().cpu()
+        prev = ts - ddim.config.num_train_timesteps // num_steps  # DDIMScheduler.step's previous timestep
+        abar = ddim.alphas_cumprod.float()
+        a_t = abar[ts]
+        a_prev = torch.where(prev >= 0, abar[prev.clamp_min(0)], torch.as_tensor(ddim.final_alpha_cumprod, dtype=torch.float32))
+        nxt = torch.where(prev >= 0, prev, torch.full_like(prev, -1)).float()
+        a_prev_s, sig_prev = a_prev.sqrt(), (1 - a_prev).sqrt()
+        cap = float(sig_prev[0] / (a_prev_s[0] + sig_prev[0]))
+        return SamplingSchedule(self.prediction_type, ts.float(), nxt, a_t.sqrt(), (1 - a_t).sqrt(), a_prev_s, sig_prev, cap)
+
+    def invert(self, predict: Predict, latents, timesteps, steps: int):
+        """eta = 0 DDIM inversion on the integer grid ``round(k t / K)`` (v-prediction converted to eps);
+        target: the implied eps, or for v-prediction ``v = sqrt(a_t) eps - sqrt(1 - a_t) x0``."""
+        from .inversion import bcast, ddim_invert, implied_eps
+
+        ac = self.alphas_cumprod.float().cpu()
+        ptype = self.prediction_type
+        if ptype not in ("epsilon", "v_prediction"):
+            raise ValueError(f"ddim_inversion noising: unsupported prediction_type {ptype!r}")
+
+        def predict_eps(x, s):
+            out = predict(x, s).float()
+            if ptype == "epsilon":
+                return out
+            a = bcast(ac[s.cpu()], x)
+            return a.sqrt() * out + (1.0 - a).sqrt() * x  # v -> eps
+
+        x_t = ddim_invert(predict_eps, latents, timesteps, ac, steps)
+        a_t = ac[timesteps.cpu().long()]
+        eps = implied_eps(x_t, latents, a_t)
+        if ptype == "epsilon":
+            return x_t, eps
+        a = bcast(a_t, x_t)
+        return x_t, a.sqrt() * eps - (1.0 - a).sqrt() * latents.float()
+
 
 class SDXLAdapter(UNetAdapter):
     family = "sdxl"
+    pipeline_class = "StableDiffusionXLPipeline"
+    pipeline_kwargs = {}
 
     def encode_prompt(self, prompts: list[str]) -> Cond:
         with torch.no_grad():

@@ -1,9 +1,9 @@
 """Timestep tables and rollout plans (which steps are stochastic, where trees branch).
 
 * :class:`SamplingTable` holds, for each of the ``S`` sampling steps, the model timestep and the
-  coefficients ``(alpha, sigma) -> (alpha_next, sigma_next)`` of :mod:`.steps`. UNets use
-  diffusers' ``DDIMScheduler`` timesteps of the checkpoint's own scheduler config (spacing,
-  ``steps_offset``, ``set_alpha_to_one``); flow models use ``FlowMatchEulerDiscreteScheduler``'s
+  coefficients ``(alpha, sigma) -> (alpha_next, sigma_next)`` of :mod:`.steps`. The model adapter
+  computes them (``adapter.sampling_schedule``): UNets use diffusers' ``DDIMScheduler`` timesteps
+  of the checkpoint's own scheduler config, flow models ``FlowMatchEulerDiscreteScheduler``'s
   shifted sigmas, so an ODE rollout is exactly the pipeline's default sampler.
 * :class:`RolloutPlan` marks each step stochastic (a recorded transition with a log-prob) or
   deterministic (ODE solver), and optionally branches rows before some steps (trees).
@@ -14,23 +14,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
+from ..models.base import SamplingSchedule
 from .steps import StepCoeffs
 
 
 @dataclass
-class SamplingTable:
-    parametrization: str  # epsilon | v_prediction | flow
-    timesteps: torch.Tensor  # [S] model input timestep of each step (float32)
-    next_timesteps: torch.Tensor  # [S] model timestep where the step lands; < 0: none (terminal)
-    alpha: torch.Tensor  # [S]
-    sigma: torch.Tensor  # [S]
-    alpha_next: torch.Tensor  # [S]
-    sigma_next: torch.Tensor  # [S]
-    sigma_cap: float  # flow-space sigma Flow-SDE uses in place of s = 1
+class SamplingTable(SamplingSchedule):
+    """The adapter's :class:`~diffalign.models.SamplingSchedule` with the lookups of the rollout engine."""
 
     @property
     def num_steps(self) -> int:
@@ -48,32 +42,12 @@ class SamplingTable:
         return self.coeffs(torch.full((n,), i, dtype=torch.long, device=device))
 
 
-def sampling_table(adapter, num_steps: int) -> SamplingTable:
-    """The ``num_steps``-step sampling schedule of ``adapter``'s checkpoint (CPU tensors)."""
-    if adapter.is_flow:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        sched = FlowMatchEulerDiscreteScheduler.from_config(adapter.noise_scheduler.config)
-        sched.set_timesteps(num_steps)  # a private copy: the adapter's training scheduler is untouched
-        sig = sched.sigmas.float().cpu()  # [S+1], ends with 0
-        ts = sched.timesteps.float().cpu()
-        s, s_next = sig[:-1], sig[1:]
-        nxt = s_next * adapter.num_train_timesteps
-        nxt = torch.where(s_next > 0, nxt, torch.full_like(nxt, -1.0))
-        return SamplingTable("flow", ts, nxt, 1.0 - s, s, 1.0 - s_next, s_next, float(s_next[0]))
-    from diffusers import DDIMScheduler
-
-    ddim = DDIMScheduler.from_config(adapter.pipe.scheduler.config)
-    ddim.set_timesteps(num_steps)
-    ts = ddim.timesteps.long().cpu()
-    prev = ts - ddim.config.num_train_timesteps // num_steps  # DDIMScheduler.step's previous timestep
-    abar = ddim.alphas_cumprod.float()
-    a_t = abar[ts]
-    a_prev = torch.where(prev >= 0, abar[prev.clamp_min(0)], torch.as_tensor(ddim.final_alpha_cumprod, dtype=torch.float32))
-    nxt = torch.where(prev >= 0, prev, torch.full_like(prev, -1)).float()
-    a_prev_s, sig_prev = a_prev.sqrt(), (1 - a_prev).sqrt()
-    cap = float(sig_prev[0] / (a_prev_s[0] + sig_prev[0]))
-    return SamplingTable(adapter.prediction_type, ts.float(), nxt, a_t.sqrt(), (1 - a_t).sqrt(), a_prev_s, sig_prev, cap)
+def sampling_table(adapter, num_steps: int, height: int | None = None, width: int | None = None) -> SamplingTable:
+    """The ``num_steps``-step sampling schedule of ``adapter``'s checkpoint (CPU tensors) for images of
+    ``height`` x ``width`` pixels: the adapter owns it (:meth:`~diffalign.models.DiffusionAdapter.sampling_schedule`),
+    as a diffusers pipeline owns its ``retrieve_timesteps`` / ``calculate_shift``."""
+    schedule = adapter.sampling_schedule(num_steps, height=height, width=width)
+    return SamplingTable(**{f.name: getattr(schedule, f.name) for f in fields(SamplingSchedule)})
 
 
 # --------------------------------------------------------------------------------- plans

@@ -65,7 +65,7 @@ def default_device() -> torch.device:
 # --------------------------------------------------------------------------------------------
 
 
-def _pil_to_tensor(img) -> torch.Tensor:
+def pil_to_tensor(img) -> torch.Tensor:
     arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
@@ -91,7 +91,7 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
     from PIL import Image
 
     with Image.open(path) as img:
-        return _pil_to_tensor(img)
+        return pil_to_tensor(img)
 
 
 def decode_image_bytes(data: bytes) -> torch.Tensor:
@@ -101,7 +101,7 @@ def decode_image_bytes(data: bytes) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            return _pil_to_tensor(img)
+            return pil_to_tensor(img)
     except UnidentifiedImageError:  # its message is only the repr of our BytesIO buffer
         raise ValueError(f"cannot decode image bytes ({len(data)} bytes): not a known image format") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -119,7 +119,7 @@ def _one_to_tensor(item: Any) -> torch.Tensor:
             t = t.expand(3, -1, -1)
         return t.float().div(255.0) if t.dtype == torch.uint8 else t
     if isinstance(item, Image.Image):
-        return _pil_to_tensor(item)
+        return pil_to_tensor(item)
     if isinstance(item, np.ndarray):
         return _array_to_tensor(item)
     if isinstance(item, (str, os.PathLike)):

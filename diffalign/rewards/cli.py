@@ -123,7 +123,7 @@ def _serve_epilog() -> str:
 
 
 def _make_rewards(specs: list[str], args) -> dict:
-    from .compose import _unique_names
+    from .compose import unique_names
     from .registry import get_reward
 
     kwargs = {}
@@ -132,7 +132,7 @@ def _make_rewards(specs: list[str], args) -> dict:
     if getattr(args, "batch_size", None):
         kwargs["batch_size"] = args.batch_size
     rewards = [get_reward(s, **kwargs) for s in specs]
-    return dict(zip(_unique_names([r.name for r in rewards]), rewards))
+    return dict(zip(unique_names([r.name for r in rewards]), rewards))
 
 
 def _load_all(rewards: dict) -> None:

@@ -33,7 +33,7 @@ def _features(out) -> torch.Tensor:
     raise TypeError(f"cannot read features from {type(out).__name__}")
 
 
-def _dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
@@ -109,7 +109,7 @@ class _CLIPTextImageReward(Reward):
         super().__init__(batch_size=batch_size, device=device)
         self.model_name = model
         self.processor_name = processor
-        self.dtype = _dtype(dtype, self.device)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.cache_text = cache_text
         self.text_cache = TextEmbeddingCache(cache_size)
         self.embedder: CLIPEmbedder | None = None
@@ -270,7 +270,7 @@ class LAIONAesthetic(Reward):
         self.path = path
         self.clip_model = clip_model
         self.head = head
-        self.dtype = _dtype(dtype, self.device)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.embedder: CLIPEmbedder | None = None
         self.mlp: AestheticMLP | None = None
 

@@ -48,7 +48,7 @@ class WeightedSum(Reward):
         self.needs_prompt = any(r.needs_prompt for r, _ in items)
         self.differentiable = all(r.differentiable for r, _ in items)
         self.units = " + ".join(f"{w:g}*{r.name}" for r, w in self.components)
-        self._keys = _unique_names([r.name for r, _ in self.components])
+        self._keys = unique_names([r.name for r, _ in self.components])
 
     def __call__(self, images: Any, prompts=None, metadata=None) -> RewardOutput:
         images = to_image_tensor(images)  # once, not once per component
@@ -67,7 +67,7 @@ class WeightedSum(Reward):
         return RewardOutput(total, details)
 
 
-def _unique_names(names: list[str]) -> list[str]:
+def unique_names(names: list[str]) -> list[str]:
     seen: dict[str, int] = {}
     out = []
     for n in names:

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import UserError
 from .base import Reward, RewardOutput, TextEmbeddingCache, stack_rows
-from .clip import _dtype
+from .clip import resolve_dtype
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Letterbox
 from .weights import check_and_load, load_state_dict_file, resolve_file
 
@@ -36,7 +36,7 @@ HPS_FILES = {"v2.1": "HPS_v2.1_compressed.pt", "v2.0": "HPS_v2_compressed.pt"}
 HPS_ARCH = "ViT-H-14"
 
 
-def _import_open_clip():
+def import_open_clip():
     try:
         import open_clip
     except ImportError as e:
@@ -62,7 +62,7 @@ class HPSv2(Reward):
             raise UserError(f"hpsv2: unknown version '{version}'; valid: {', '.join(HPS_FILES)}")
         self.path = path
         self.version = version
-        self.dtype = _dtype(dtype, self.device)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.cache_text = cache_text
         self.text_cache = TextEmbeddingCache(cache_size)
         self.name = name or ("hpsv2" if version == "v2.1" else "hpsv2.0")
@@ -86,7 +86,7 @@ class HPSv2(Reward):
         return resolve_file("", HPS_REPO, filename, self.name, hint), None
 
     def load(self) -> None:
-        open_clip = _import_open_clip()
+        open_clip = import_open_clip()
         ckpt, cfg_path = self._checkpoint_and_config()
         log = logging.getLogger()
         level = log.level

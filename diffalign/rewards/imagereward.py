@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from .base import Reward, RewardOutput
-from .clip import AestheticMLP, _dtype
+from .clip import AestheticMLP, resolve_dtype
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ResizeCropNormalize
 from .weights import check_and_load, load_pretrained, load_state_dict_file, resolve_file
 
@@ -331,7 +331,7 @@ class ImageReward(Reward):
         super().__init__(batch_size=batch_size, device=device)
         self.path = path
         self.normalize = normalize
-        self.dtype = _dtype(dtype, self.device)
+        self.dtype = resolve_dtype(dtype, self.device)
         if name:
             self.name = name
         self.model: ImageRewardModel | None = None
@@ -374,7 +374,7 @@ class ImageReward(Reward):
         return RewardOutput(s, {self.name: s, "imagereward_raw": raw})
 
 
-def _init_like_blip(model: ImageRewardModel, std: float = 0.02) -> None:
+def init_like_blip(model: ImageRewardModel, std: float = 0.02) -> None:
     """Random init for tiny test models (truncated-normal-ish Linear/Embedding, unit LayerNorm)."""
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)):

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import Reward, RewardOutput, _pil_to_tensor, to_image_tensor
+from .base import Reward, RewardOutput, pil_to_tensor, to_image_tensor
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
 DEFAULT_MAX_IMAGES = 64
@@ -454,7 +454,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise too_big(w, h)
             try:
                 img.load()
-                return _pil_to_tensor(img)
+                return pil_to_tensor(img)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
                 raise RequestError(400, f"images[{i}]: cannot decode: corrupt or truncated {img.format} "
                                         f"({w}x{h}, {len(data)} bytes): {e}") from None

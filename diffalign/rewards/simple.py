@@ -66,11 +66,9 @@ SIMPLE_REWARDS = {
 
 
 def _register() -> None:
-    try:
-        from .base import FunctionReward
-        from .registry import register_reward
-    except ImportError:  # pragma: no cover - the registry is another package's
-        return
+    from .base import FunctionReward
+    from .registry import register_reward
+
     for name, fn in SIMPLE_REWARDS.items():
         def factory(path=None, _fn=fn, _name=name, **kw):
             kw.setdefault("device", "cpu")

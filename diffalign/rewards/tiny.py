@@ -35,9 +35,9 @@ TINY_PROJECTION = 16
 def _tiny_clip(out: Path, seed: int, image_size: int = TINY_IMAGE_SIZE, logit_scale: float | None = None) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig
 
-    from ..models.tiny import _tiny_clip_text_config, tiny_clip_tokenizer
+    from ..models.tiny import tiny_clip_text_config, tiny_clip_tokenizer
 
-    text_cfg = _tiny_clip_text_config(projection_dim=TINY_PROJECTION)
+    text_cfg = tiny_clip_text_config(projection_dim=TINY_PROJECTION)
     vision_cfg = CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         image_size=image_size, patch_size=8, projection_dim=TINY_PROJECTION, hidden_act="quick_gelu",
@@ -86,10 +86,10 @@ def build_aesthetic(out: str | os.PathLike, seed: int = 0) -> Path:
 def build_hpsv2(out: str | os.PathLike, seed: int = 0) -> Path:
     """Tiny HPSv2: open_clip CLIP (ViT 64 px patch 16 width 32; text width 16 with the real
     49408-token BPE vocabulary) saved as ``{"state_dict": fp16}`` like ``HPS_v2.1_compressed.pt``."""
-    from .hps import HPS_FILES, _import_open_clip
+    from .hps import HPS_FILES, import_open_clip
     from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    open_clip = _import_open_clip()
+    open_clip = import_open_clip()
     from open_clip.model import CLIP
 
     out = Path(out)
@@ -133,7 +133,7 @@ def build_imagereward(out: str | os.PathLike, seed: int = 0) -> Path:
     """Tiny ImageReward: BLIP ViT (32 px, patch 8, width 32, 2 blocks) + 2-layer med-BERT
     (width 32) + MLP, saved as ``ImageReward.pt`` with ``med_config.json`` and a WordPiece
     tokenizer over single characters."""
-    from .imagereward import ImageRewardConfig, ImageRewardModel, _init_like_blip
+    from .imagereward import ImageRewardConfig, ImageRewardModel, init_like_blip
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,7 +154,7 @@ def build_imagereward(out: str | os.PathLike, seed: int = 0) -> Path:
                             intermediate_size=64, max_position_embeddings=64)
     torch.manual_seed(seed + 5)
     model = ImageRewardModel(cfg)
-    _init_like_blip(model)
+    init_like_blip(model)
     sd = dict(model.state_dict())
     # What the real ImageReward.pt also carries: BLIP's contrastive projections and position_ids.
     sd["blip.vision_proj.weight"] = torch.randn(16, 32) * 0.02

@@ -65,8 +65,8 @@ from .world import (
     sample_scene,
 )
 
-from .registry import _auto_register
+from .registry import auto_register
 
-_auto_register()  # get_reward("testbed") / ("testbed_style") work once diffalign.testbed is imported
+auto_register()  # get_reward("testbed") / ("testbed_style") work once diffalign.testbed is imported
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -262,7 +262,7 @@ class _FlowBase:
         from diffusers import SD3Transformer2DModel
         from transformers import CLIPTextModelWithProjection
 
-        from ..models.tiny import TINY_TEXT_DIM, _tiny_clip_text_config
+        from ..models.tiny import TINY_TEXT_DIM, tiny_clip_text_config
 
         self.cfg, self.template = cfg, template
         heads = max(1, cfg.dit_width // 16)
@@ -273,7 +273,7 @@ class _FlowBase:
             pooled_projection_dim=2 * TINY_TEXT_DIM, pos_embed_max_size=cfg.resolution // 2,
         )
         torch.manual_seed(cfg.seed + 1)
-        self.text_encoders = [CLIPTextModelWithProjection(_tiny_clip_text_config()) for _ in range(2)]
+        self.text_encoders = [CLIPTextModelWithProjection(tiny_clip_text_config()) for _ in range(2)]
         self.tokenizer = template.tokenizer
 
     def cond(self, encoders, ids):

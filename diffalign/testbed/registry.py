@@ -15,11 +15,9 @@ TESTBED_REWARD_NAMES = ("testbed", "testbed_style")
 
 
 def _wrap(fn, name: str, batch_size: int):
-    """Wrap a plain reward callable in the package's ``FunctionReward`` when it exists."""
-    try:
-        from diffalign.rewards.base import FunctionReward
-    except ImportError:
-        return fn
+    """Wrap a plain reward callable in the package's ``FunctionReward``."""
+    from diffalign.rewards.base import FunctionReward
+
     return FunctionReward(fn, name, needs_prompt=True, batch_size=batch_size, device="cpu")
 
 
@@ -43,10 +41,8 @@ def register_testbed_rewards(overwrite: bool = False) -> tuple[str, ...]:
     Called on ``import diffalign.testbed``; calling it again is harmless. Afterwards
     ``diffalign.rewards.get_reward("testbed")`` builds the reward.
     """
-    try:
-        from diffalign.rewards import register_reward
-    except ImportError as e:
-        raise ImportError(f"diffalign.rewards.register_reward is not available ({e}); cannot register testbed rewards") from None
+    from diffalign.rewards import register_reward
+
     register_reward(
         "testbed",
         make_testbed_reward,
@@ -62,8 +58,9 @@ def register_testbed_rewards(overwrite: bool = False) -> tuple[str, ...]:
     return TESTBED_REWARD_NAMES
 
 
-def _auto_register() -> None:
+def auto_register() -> None:
+    """:func:`register_testbed_rewards`, unless another module already owns the names."""
     try:
         register_testbed_rewards()
-    except (ImportError, ValueError, TypeError):  # no registry yet, or the names are taken by another module
+    except ValueError:  # the names are taken by another module's factories
         pass
