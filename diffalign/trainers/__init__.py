@@ -6,19 +6,14 @@ the function that runs it.
 
 from __future__ import annotations
 
+from .grpo import train_grpo
+from .grpo_config import GRPOConfig
 from .pair import PAIR_METHODS, PairTrainConfig, train_pairs
 
 CONFIG_CLASSES: dict[str, type] = {m: PairTrainConfig for m in PAIR_METHODS}
+CONFIG_CLASSES["grpo"] = GRPOConfig
 TRAINERS = {m: train_pairs for m in PAIR_METHODS}
-
-try:  # the online trainer registers itself when present
-    from .grpo import GRPOConfig, train_grpo
-
-    CONFIG_CLASSES["grpo"] = GRPOConfig
-    TRAINERS["grpo"] = train_grpo
-except ModuleNotFoundError as e:  # pragma: no cover - only while grpo.py is not written
-    if e.name != f"{__name__}.grpo":
-        raise
+TRAINERS["grpo"] = train_grpo
 
 
 def train(cfg) -> dict:
