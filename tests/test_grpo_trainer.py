@@ -177,3 +177,24 @@ def test_prompt_files_and_reward_names(tmp_path):
     assert scores.tolist() == [1.0, 0.0]
     with pytest.raises(UserError):
         resolve_reward("no_such_reward")
+
+
+def test_nonfinite_loss_is_not_backpropagated(tiny, tmp_path, monkeypatch):
+    """One NaN policy (optim_step): a NaN loss skips backward and the step, counted per step;
+    ``loss.max_nonfinite_steps`` in a row abort the run."""
+    import diffalign.trainers.grpo as grpo
+
+    real_loss = grpo.grpo_clip_loss
+
+    def nan_loss(*a, **kw):
+        loss, metrics = real_loss(*a, **kw)
+        return loss * float("nan"), metrics
+
+    monkeypatch.setattr(grpo, "grpo_clip_loss", nan_loss)
+    _, rows = run(tiny("sd3"), tmp_path / "a", "grpo.yaml", *SMALL, "eval.every=-1", "loss.max_nonfinite_steps=3",
+                  "loss.kl_beta=0.05")
+    assert [r["nonfinite_skipped"] for r in rows] == [1, 1]
+    assert all("grad_norm" not in r for r in rows)  # no backward, so no gradient norm
+    assert rows[-1]["kl"] < 1e-6  # the policy never moved from its reference
+    with pytest.raises(FloatingPointError, match="2 steps in a row"):
+        run(tiny("sd3"), tmp_path / "b", "grpo.yaml", *SMALL, "eval.every=-1", "loss.max_nonfinite_steps=2")

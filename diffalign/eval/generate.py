@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..data.prompts import PROMPT_SUFFIXES, read_prompts
 from ..errors import UserError
 from .summary import summarize
 
@@ -41,39 +42,19 @@ def image_seed(prompt_idx: int, i: int, base_seed: int = 0) -> int:
     return (int(base_seed) * 1_000_003 + int(prompt_idx) * 1009 + int(i)) % (2**31 - 1)
 
 
-def _read_prompt_file(path: Path) -> list[str]:
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if path.suffix == ".jsonl":
-        out = []
-        for k, ln in enumerate(lines, 1):
-            try:
-                row = json.loads(ln)
-            except json.JSONDecodeError as e:
-                raise UserError(f"--prompts {path}: line {k} is not JSON ({e})") from None
-            if isinstance(row, str):
-                out.append(row)
-                continue
-            for key in ("prompt", "caption", "text", "Prompt"):
-                if isinstance(row, dict) and key in row:
-                    out.append(str(row[key]))
-                    break
-            else:
-                raise UserError(f"--prompts {path}: line {k} has no 'prompt' (or 'caption') key")
-        return out
-    return [ln.strip() for ln in lines]
-
-
 def resolve_prompts(spec: str, limit: int | None = None) -> list[str]:
-    """Prompts from a ``.txt``/``.jsonl`` file, a testbed set (``testbed_heldout[:N]``), or a
+    """Prompts from a prompt file (``.txt``/``.json``/``.jsonl``/``.csv``, read by
+    :func:`diffalign.data.prompts.read_prompts`), a testbed set (``testbed_heldout[:N]``), or a
     named benchmark set (``partiprompts``, ``drawbench``, ``pickapic_test``, ``hpsv2``, ``geneval``;
     needs the hub). ``NAME:N`` keeps the first N."""
     name, _, count = spec.partition(":")
     n = int(count) if count.isdigit() else None
     path = Path(spec)
     if path.is_file():
-        if path.suffix not in (".txt", ".jsonl"):
-            raise UserError(f"--prompts {spec}: use a .txt (one prompt a line) or .jsonl ({{\"prompt\": ...}} a line) file")
-        prompts = _read_prompt_file(path)
+        if path.suffix.lower() not in PROMPT_SUFFIXES:
+            raise UserError(f"--prompts {spec}: use a .txt (one prompt a line), .json, .jsonl ({{\"prompt\": ...}} a line) "
+                            "or .csv (a prompt column) file")
+        prompts = read_prompts(path)
     elif name in TESTBED_PROMPT_SETS:
         from ..testbed import heldout_prompts, train_prompts
 

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..data.prompts import read_prompt_file, read_prompts
 from ..errors import UserError
 
 
@@ -140,33 +141,13 @@ def _load_all(rewards: dict) -> None:
         r.ensure_loaded()
 
 
-def read_prompts(path: str | Path, images_dir: Path, image_files: list[Path]) -> list[tuple[Path, str]]:
-    """(image path, prompt) pairs from a .txt (matched to sorted images) or .csv/.jsonl file."""
+def read_image_prompts(path: str | Path, images_dir: Path, image_files: list[Path]) -> list[tuple[Path, str]]:
+    """(image path, prompt) pairs: a .txt prompt file (one prompt a line, matched to the sorted
+    images), or a .csv/.json/.jsonl file with ``image`` and ``prompt`` fields (any subset and
+    order of the images). Read by :func:`diffalign.data.prompts.read_prompt_file`."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"prompts file '{path}' does not exist")
-    suffix = path.suffix.lower()
-    if suffix in (".csv", ".jsonl", ".json"):
-        rows: list[dict] = []
-        if suffix == ".csv":
-            with path.open(newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                missing = [c for c in ("image", "prompt") if c not in (reader.fieldnames or [])]
-                if missing:
-                    raise UserError(f"prompts file '{path}' lacks column(s) {', '.join(missing)} "
-                                    f"(found: {', '.join(reader.fieldnames or []) or 'none'})")
-                rows = list(reader)
-        else:
-            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"prompts file '{path}' line {i} is not valid JSON: {e}") from None
-                if not isinstance(obj, dict) or "image" not in obj or "prompt" not in obj:
-                    raise UserError(f"prompts file '{path}' line {i} needs keys 'image' and 'prompt'")
-                rows.append(obj)
+    if path.suffix.lower() in (".csv", ".jsonl", ".json"):
+        rows = read_prompt_file(path, required=("image", "prompt")).rows or []
         out = []
         for i, row in enumerate(rows, 1):
             img = Path(str(row["image"]))
@@ -175,9 +156,7 @@ def read_prompts(path: str | Path, images_dir: Path, image_files: list[Path]) ->
                 raise UserError(f"prompts file '{path}' row {i}: image '{row['image']}' not found in '{images_dir}'")
             out.append((full, str(row["prompt"] or "")))
         return out
-    lines = path.read_text(encoding="utf-8").splitlines()
-    while lines and not lines[-1].strip():
-        lines.pop()
+    lines = read_prompts(path)
     if len(lines) != len(image_files):
         raise UserError(f"prompts file '{path}' has {len(lines)} lines but '{images_dir}' has {len(image_files)} "
                         "images (one prompt per image, in sorted file-name order)")
@@ -201,7 +180,7 @@ def cmd_score(args) -> int:
     files = list_image_files(images_dir)
     rewards = _make_rewards(args.reward, args)
     if args.prompts:
-        items = read_prompts(args.prompts, images_dir, files)
+        items = read_image_prompts(args.prompts, images_dir, files)
     else:
         needing = [k for k, r in rewards.items() if r.needs_prompt]
         if needing:

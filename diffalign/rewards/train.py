@@ -17,7 +17,6 @@ scoring see identical pixels.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections.abc import Iterator
@@ -54,7 +53,8 @@ class RewardTrainConfig:
     learning_rate: float = 3e-6
     weight_decay: float = 0.3
     warmup_steps: int = 500
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # clip the gradient norm to this (<= 0: no clipping)
+    max_nonfinite_steps: int = 5  # a NaN/inf loss or gradient skips the step; abort after this many in a row
     adam_beta1: float = 0.9
     adam_beta2: float = 0.98
     adam_epsilon: float = 1e-6
@@ -80,6 +80,7 @@ class RewardTrainConfig:
         check(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
         check(self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", "must be no, bf16 or fp16")
         check(self.eval_every >= 1, "eval_every", "must be >= 1")
+        check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
         check(self.val_data is not None or self.val_fraction > 0, "val_fraction",
               "must be > 0 when val_data is not given (validation needs pairs)")
 
@@ -150,6 +151,9 @@ def train_reward(cfg: RewardTrainConfig, log=print) -> dict:
     """Train; returns metrics (``val_accuracy_initial``, ``val_accuracy``, ``history``)."""
     from transformers import AutoTokenizer, CLIPImageProcessor
 
+    # The one guarded optimizer step of every loop. An upward edge (rewards -> trainers), kept
+    # function-level: the reward trainer is a training loop that lives beside its CLI here.
+    from ..optim_step import SingleProcess, guarded_backward, guarded_step
     from .base import default_device
     from .clip import CLIPEmbedder
     from .weights import load_pretrained
@@ -211,30 +215,38 @@ def train_reward(cfg: RewardTrainConfig, log=print) -> dict:
     stream = _train_stream(cfg, rng, bad)
     t0 = time.perf_counter()
     running = 0.0
+    stepper = SingleProcess(opt, scaler)  # one NaN policy with the diffusion trainers (optim_step)
+    nonfinite_in_a_row = skipped_total = 0
     for step in range(1, cfg.max_steps + 1):
-        opt.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for _ in range(cfg.gradient_accumulation_steps):
-            batch = [next(stream) for _ in range(cfg.batch_size)]
-            caps = [b[0] for b in batch]
-            l0 = torch.tensor([b[3] for b in batch], device=device)
-            l1 = torch.tensor([b[4] for b in batch], device=device)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
-                txt = embedder.text_embeds(caps)
-                img = embedder.image_embeds([b[1] for b in batch] + [b[2] for b in batch])
-                loss = pickscore_loss(model.logit_scale.exp().float(), txt, img[: len(batch)], img[len(batch):], l0, l1)
-            loss = loss / cfg.gradient_accumulation_steps
-            scaler.scale(loss).backward()
-            step_loss += float(loss.detach())
-        scaler.unscale_(opt)
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
-        if not math.isfinite(step_loss):
-            raise RuntimeError(f"train-reward: loss became {step_loss} at step {step}")
-        running += step_loss
+        losses: list[float] = []
+
+        def backward() -> bool:
+            finite = True
+            for _ in range(cfg.gradient_accumulation_steps):
+                batch = [next(stream) for _ in range(cfg.batch_size)]
+                caps = [b[0] for b in batch]
+                l0 = torch.tensor([b[3] for b in batch], device=device)
+                l1 = torch.tensor([b[4] for b in batch], device=device)
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
+                    txt = embedder.text_embeds(caps)
+                    img = embedder.image_embeds([b[1] for b in batch] + [b[2] for b in batch])
+                    loss = pickscore_loss(model.logit_scale.exp().float(), txt, img[: len(batch)], img[len(batch):], l0, l1)
+                loss = loss / cfg.gradient_accumulation_steps
+                finite = finite and guarded_backward(stepper, loss)
+                losses.append(float(loss.detach()))
+            return finite
+
+        skipped, _ = guarded_step(stepper, backward, params, stepper.optimizer, sched, cfg.max_grad_norm)
+        step_loss = sum(losses)
+        skipped_total += int(skipped)
+        nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped else 0
+        if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+            raise FloatingPointError(f"train-reward: {nonfinite_in_a_row} steps in a row had a NaN/inf loss or gradient "
+                                     f"(step {step}, loss {step_loss}); try a lower learning_rate or mixed_precision=no/bf16")
+        if skipped:
+            log(f"step {step}: optimizer step skipped (loss {step_loss:.4g} or its gradient is not finite)")
+        else:
+            running += step_loss
         if step % cfg.log_every == 0:
             log(f"step {step}/{cfg.max_steps} loss {running / cfg.log_every:.4f} lr {sched.get_last_lr()[0]:.2e}")
             running = 0.0
@@ -258,6 +270,7 @@ def train_reward(cfg: RewardTrainConfig, log=print) -> dict:
         "val_accuracy_strict": history[-1]["accuracy_strict"],
         "val_pairs": len(val_pairs),
         "skipped_rows": len(bad),
+        "nonfinite_skipped": skipped_total,
         "steps": cfg.max_steps,
         "seconds": seconds,
         "history": history,

@@ -14,6 +14,7 @@ from typing import Iterable
 
 import numpy as np
 
+from ..data.prompts import read_prompts  # noqa: F401 - re-exported: the testbed's prompt files are read by the shared reader
 from .world import COLOURS, SHAPES, caption, sample_scene
 
 HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
@@ -88,15 +89,6 @@ def write_prompts(prompts: Iterable[str], path: str | Path) -> Path:
     else:
         raise ValueError(f"write_prompts: {path} must end in .txt or .jsonl")
     return path
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """Read a ``.txt`` or ``.jsonl`` prompt file written by :func:`write_prompts`."""
-    path = Path(path)
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if path.suffix == ".jsonl":
-        return [json.loads(ln)["prompt"] for ln in lines]
-    return lines
 
 
 def write_prompt_splits(out_dir: str | Path, n_train: int = 1000, n_heldout: int = 200, seed: int = 0) -> dict[str, Path]:

@@ -6,7 +6,8 @@ the function that runs it.
 
 from __future__ import annotations
 
-from .grpo import GRPOConfig, train_grpo
+from .grpo import train_grpo
+from .grpo_config import GRPOConfig
 from .pair import PAIR_METHODS, PairTrainConfig, train_pairs
 
 CONFIG_CLASSES: dict[str, type] = {**{m: PairTrainConfig for m in PAIR_METHODS}, "grpo": GRPOConfig}

@@ -1,0 +1,270 @@
+"""Config of the online GRPO trainer (``method: grpo``): every key, its default and its meaning.
+
+One dataclass per YAML block (``sampler``, ``schedule``, ``advantage``, ``loss``, ``rewards``,
+``eval``); :class:`GRPOConfig` adds the rollout/update sizes to the keys every trainer shares
+(:class:`diffalign.config.BaseTrainConfig`). :meth:`GRPOConfig.validate` rejects impossible
+combinations with a :class:`~diffalign.config.ConfigError` naming the key (CLI exit code 2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import BaseTrainConfig, check
+from ..losses.grpo import REDUCTIONS
+from ..pipelines import ODE_SOLVERS, STEP_KINDS
+from .advantages import MULTI_REWARD_MODES, STD_MODES, TREE_MODES
+
+SCHEDULE_KINDS = ("full", "window", "tree")
+WINDOW_MODES = ("slide", "random")
+STEP_WEIGHTINGS = ("none", "noise", "inverse_dt")
+
+
+@dataclass
+class SamplerOptions:
+    """How rollouts and evaluation images are sampled."""
+
+    # denoising steps of training rollouts
+    num_steps: int = 10
+    # denoising steps of evaluation sampling (ODE); usually more than num_steps
+    eval_num_steps: int = 40
+    # classifier-free guidance scale (<= 1: no guidance)
+    guidance_scale: float = 4.5
+    # false: train and sample without classifier-free guidance (no uncond forward)
+    cfg: bool = True
+    # stochastic step: auto (flow_sde for flow models, ddim for UNets) | ddim | flow_sde | cps | dance
+    step: str = "auto"
+    # eta (ddim, cps, dance) or a (flow_sde); None: the kind's paper default
+    noise_level: float | None = None
+    # deterministic steps (outside the window, between branches, eval): euler | heun | dpm2m
+    ode_solver: str = "euler"
+    # image side in pixels (a multiple of 8)
+    resolution: int = 512
+    # one initial noise per prompt group (DanceGRPO; TempFlow's seed groups)
+    shared_noise: bool = False
+    # mean | sum over latent elements (rollout, loss and KL alike)
+    logprob_reduction: str = "mean"
+
+
+@dataclass
+class WindowOptions:
+    """MixGRPO / Flow-GRPO-Fast: ``size`` stochastic steps, the rest ODE."""
+
+    # stochastic steps in the window
+    size: int = 4
+    # first window position
+    start: int = 0
+    # steps the window moves ...
+    shift: int = 1
+    # ... every this many training steps
+    interval: int = 25
+    # last window start (default num_steps - size); then it wraps to start
+    end: int | None = None
+    # slide | random (uniform in [start, end] each training step)
+    mode: str = "slide"
+
+
+@dataclass
+class TreeOptions:
+    """BranchGRPO / TempFlow-GRPO: rows split ``branch_factor`` ways before each branch step."""
+
+    # the steps before which every row branches
+    branch_steps: list[int] = field(default_factory=lambda: [0, 2])
+    # children per branch
+    branch_factor: int = 2
+    # false: only the branch steps are stochastic (TempFlow-GRPO)
+    sde_between: bool = True
+
+
+@dataclass
+class ScheduleOptions:
+    """Which steps of a rollout are stochastic (and trained on)."""
+
+    # full (every step) | window (MixGRPO) | tree (BranchGRPO / TempFlow-GRPO)
+    kind: str = "full"
+    # train on a random fraction of each row's stochastic steps (DanceGRPO 0.6)
+    timestep_fraction: float = 1.0
+    # kind: window
+    window: WindowOptions = field(default_factory=WindowOptions)
+    # kind: tree
+    tree: TreeOptions = field(default_factory=TreeOptions)
+
+
+@dataclass
+class AdvantageOptions:
+    """How rewards become advantages (:mod:`diffalign.trainers.advantages`)."""
+
+    # normalise by the std of: group | global | none
+    std: str = "group"
+    # added to the std
+    eps: float = 1e-4
+    # clamp |A| (Flow-GRPO's adv_clip_max); null: no clamp
+    clip: float | None = 5.0
+    # several rewards: weighted_sum | sum_of_advantages (DanceGRPO)
+    multi_reward: str = "weighted_sum"
+    # tree rollouts: depth (node values normalised per depth) | leaf
+    tree: str = "depth"
+
+
+@dataclass
+class GRPOLossOptions:
+    """The clipped GRPO objective (:func:`diffalign.losses.grpo_clip_loss`)."""
+
+    # PPO clip of the importance ratio
+    clip_range: float = 1e-4
+    # weight of the closed-form KL to the reference (LoRA disabled)
+    kl_beta: float = 0.0
+    # GRPO-Guard's RatioNorm of the log-ratio
+    ratio_norm: bool = False
+    # none | noise (TempFlow: ~ step std) | inverse_dt (GRPO-Guard: ~ 1/ds)
+    step_weighting: str = "none"
+    # abort after this many consecutive steps with a NaN/inf update
+    max_nonfinite_steps: int = 5
+
+
+@dataclass
+class RewardSpec:
+    """One reward of the (weighted) reward mix."""
+
+    # any diffalign.rewards name (NAME or NAME=PATH) or a simple reward (redness, ...)
+    name: str = "pickscore"
+    # weight in the combined reward (or its advantage)
+    weight: float = 1.0
+    # kwargs of the reward factory
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalOptions:
+    """ODE-sampled evaluation on fixed noise."""
+
+    # evaluate every this many steps (0: only after the last step; -1: never)
+    every: int = 0
+    # the first prompts of the prompt list
+    num_prompts: int = 8
+    # seed of the fixed evaluation noise
+    seed: int = 1234
+    # prompt file (.txt/.json/.jsonl/.csv) to evaluate on; null: the training prompts
+    data: str | None = None
+
+
+@dataclass
+class GRPOConfig(BaseTrainConfig):
+    """Config of ``method: grpo``. ``data``: a prompt file (:mod:`diffalign.data.prompts`: ``.txt``
+    one prompt a line, or ``.jsonl``/``.json``/``.csv`` rows whose other fields are metadata for
+    rewards); null uses a built-in list. ``batch_size``: images per rollout batch per process (a
+    multiple of ``group_size``). ``max_steps``: rollout+train steps."""
+
+    # the trainer (always grpo here)
+    method: str = "grpo"
+    # images per rollout batch per process (whole groups)
+    batch_size: int = 8
+    # samples per prompt; advantages are relative within a group
+    group_size: int = 8
+    # prompts per training step, per process
+    prompts_per_step: int = 4
+    # passes over the recorded transitions per step
+    inner_epochs: int = 1
+    # optimizer updates per pass over the transitions
+    updates_per_epoch: int = 1
+    # transitions per training forward (null: batch_size)
+    train_batch_size: int | None = None
+    # score rewards on this many threads, overlapping the next rollout (0: inline)
+    reward_threads: int = 1
+    sampler: SamplerOptions = field(default_factory=SamplerOptions)
+    schedule: ScheduleOptions = field(default_factory=ScheduleOptions)
+    advantage: AdvantageOptions = field(default_factory=AdvantageOptions)
+    loss: GRPOLossOptions = field(default_factory=GRPOLossOptions)
+    # the rewards, combined by weight
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
+    eval: EvalOptions = field(default_factory=EvalOptions)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss.kl_beta > 0
+
+    def validate(self) -> None:
+        super().validate()
+        _validate_sizes(self)
+        _validate_sampler(self.sampler)
+        _validate_schedule(self)
+        _validate_advantage_and_loss(self.advantage, self.loss)
+        _validate_rewards_and_eval(self)
+
+
+def _validate_sizes(c: GRPOConfig) -> None:
+    check(c.method == "grpo", "method", "the GRPO trainer runs method: grpo")
+    check(c.group_size >= 2, "group_size", "must be >= 2 (advantages are relative within a group)")
+    check(c.batch_size % c.group_size == 0, "batch_size",
+           f"must be divisible by group_size={c.group_size} (images per rollout batch, whole groups)")
+    check(c.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
+    check((c.prompts_per_step * c.group_size) % c.batch_size == 0, "prompts_per_step",
+           f"prompts_per_step * group_size ({c.prompts_per_step * c.group_size}) must be a multiple of batch_size={c.batch_size}")
+    check(c.inner_epochs >= 1, "inner_epochs", "must be >= 1")
+    check(c.updates_per_epoch >= 1, "updates_per_epoch", "must be >= 1")
+    check(c.train_batch_size is None or c.train_batch_size >= 1, "train_batch_size", "must be >= 1")
+    check(c.gradient_accumulation_steps == 1, "gradient_accumulation_steps",
+           "must be 1 for grpo: use updates_per_epoch and train_batch_size")
+    check(c.reward_threads >= 0, "reward_threads", "must be >= 0")
+
+
+def _validate_sampler(s: SamplerOptions) -> None:
+    check(s.num_steps >= 1, "sampler.num_steps", "must be >= 1")
+    check(s.eval_num_steps >= 1, "sampler.eval_num_steps", "must be >= 1")
+    check(s.guidance_scale >= 0, "sampler.guidance_scale", "must be >= 0")
+    check(s.step == "auto" or s.step in STEP_KINDS, "sampler.step", f"must be auto or one of {', '.join(STEP_KINDS)}")
+    check(s.noise_level is None or s.noise_level >= 0, "sampler.noise_level", "must be >= 0")
+    check(s.noise_level is None or s.step not in ("cps",) or s.noise_level <= 1, "sampler.noise_level", "cps needs eta in [0, 1]")
+    check(s.ode_solver in ODE_SOLVERS, "sampler.ode_solver", f"must be one of {', '.join(ODE_SOLVERS)}")
+    check(s.resolution >= 8 and s.resolution % 8 == 0, "sampler.resolution", "must be a positive multiple of 8")
+    check(s.logprob_reduction in REDUCTIONS, "sampler.logprob_reduction", "must be mean or sum")
+
+
+def _validate_schedule(c: GRPOConfig) -> None:
+    sch, n = c.schedule, c.sampler.num_steps
+    check(sch.kind in SCHEDULE_KINDS, "schedule.kind", "must be full, window or tree")
+    check(0 < sch.timestep_fraction <= 1, "schedule.timestep_fraction", "must be in (0, 1]")
+    if sch.kind == "window":
+        w = sch.window
+        check(1 <= w.size <= n, "schedule.window.size",
+               f"must be in [1, sampler.num_steps={n}] (window larger than the number of steps)")
+        check(0 <= w.start <= n - w.size, "schedule.window.start",
+               f"window [{w.start}, {w.start + w.size}) does not fit in sampler.num_steps={n}")
+        check(w.end is None or w.start <= w.end <= n - w.size, "schedule.window.end",
+               f"must be in [window.start, num_steps - size = {n - w.size}]")
+        check(w.shift >= 0, "schedule.window.shift", "must be >= 0")
+        check(w.interval >= 1, "schedule.window.interval", "must be >= 1")
+        check(w.mode in WINDOW_MODES, "schedule.window.mode", "must be slide or random")
+    if sch.kind == "tree":
+        t = sch.tree
+        check(len(t.branch_steps) >= 1, "schedule.tree.branch_steps", "must list at least one step")
+        check(len(set(t.branch_steps)) == len(t.branch_steps), "schedule.tree.branch_steps", "must not repeat a step")
+        check(all(0 <= b < n for b in t.branch_steps), "schedule.tree.branch_steps",
+               f"every branch step must be in [0, sampler.num_steps={n})")
+        check(t.branch_factor >= 2, "schedule.tree.branch_factor", "must be >= 2")
+        leaves = t.branch_factor ** len(t.branch_steps)
+        check(c.group_size % leaves == 0, "group_size",
+               f"must be a multiple of branch_factor ** len(branch_steps) = {leaves} (leaves per tree)")
+
+
+def _validate_advantage_and_loss(a: AdvantageOptions, lo: GRPOLossOptions) -> None:
+    check(a.std in STD_MODES, "advantage.std", f"must be one of {', '.join(STD_MODES)}")
+    check(a.eps >= 0, "advantage.eps", "must be >= 0")
+    check(a.clip is None or a.clip > 0, "advantage.clip", "must be > 0 or null")
+    check(a.multi_reward in MULTI_REWARD_MODES, "advantage.multi_reward", f"must be one of {', '.join(MULTI_REWARD_MODES)}")
+    check(a.tree in TREE_MODES, "advantage.tree", f"must be one of {', '.join(TREE_MODES)}")
+    check(lo.clip_range > 0, "loss.clip_range", "must be > 0")
+    check(lo.kl_beta >= 0, "loss.kl_beta", "must be >= 0")
+    check(lo.step_weighting in STEP_WEIGHTINGS, "loss.step_weighting", "must be none, noise or inverse_dt")
+
+
+def _validate_rewards_and_eval(c: GRPOConfig) -> None:
+    check(len(c.rewards) >= 1, "rewards", "must list at least one reward ({name, weight})")
+    for i, r in enumerate(c.rewards):
+        check(bool(r.name), f"rewards[{i}].name", "must be a reward name")
+        check(math.isfinite(r.weight), f"rewards[{i}].weight", "must be a finite number")
+    check(len({r.name for r in c.rewards}) == len(c.rewards), "rewards", "names must be unique")
+    check(c.eval.every >= -1, "eval.every", "must be >= -1")
+    check(c.eval.num_prompts >= 0, "eval.num_prompts", "must be >= 0")
