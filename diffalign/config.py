@@ -121,23 +121,27 @@ class BaseTrainConfig:
     optim: OptimOptions = field(default_factory=OptimOptions)
 
     def validate(self) -> None:
-        _check(self.max_steps >= 1, "max_steps", "must be >= 1")
-        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
-        _check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
-        _check(self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", "must be no, fp16 or bf16")
-        _check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0 = no checkpoints)")
-        _check(self.checkpoints_keep >= 1, "checkpoints_keep", "must be >= 1")
-        _check(not (self.overwrite and self.resume), "overwrite",
+        check(self.max_steps >= 1, "max_steps", "must be >= 1")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
+        check(self.mixed_precision in ("no", "fp16", "bf16"), "mixed_precision", "must be no, fp16 or bf16")
+        check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0 = no checkpoints)")
+        check(self.checkpoints_keep >= 1, "checkpoints_keep", "must be >= 1")
+        check(not (self.overwrite and self.resume), "overwrite",
                f"overwrite=true starts over and resume={self.resume} continues: set only one of them")
-        _check(self.lora.rank >= 0, "lora.rank", "must be >= 0 (0 = full fine-tuning)")
-        _check(self.optim.learning_rate > 0, "optim.learning_rate", "must be > 0")
-        _check(self.model_opts.timestep_sampling in ("uniform", "logit_normal", "mode"),
+        check(self.lora.rank >= 0, "lora.rank", "must be >= 0 (0 = full fine-tuning)")
+        check(self.optim.learning_rate > 0, "optim.learning_rate", "must be > 0")
+        check(self.model_opts.timestep_sampling in ("uniform", "logit_normal", "mode"),
                "model_opts.timestep_sampling", "must be uniform, logit_normal or mode")
 
 
-def _check(ok: bool, key: str, msg: str) -> None:
+def check(ok: bool, key: str, msg: str) -> None:
+    """Raise :class:`ConfigError` naming ``key`` unless ``ok``."""
     if not ok:
         raise ConfigError(f"config key '{key}': {msg}")
+
+
+_check = check  # the old private name, kept for modules not yet moved to ``check``
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,10 +279,23 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+# ``method`` value -> the config dataclass of the trainer that runs it. Trainers register their
+# config here (:func:`register_config`, done by ``import diffalign.trainers``), so this layer
+# never imports a trainer.
+CONFIG_CLASSES: dict[str, type] = {}
+
+
+def register_config(cls: type, *methods: str) -> None:
+    """Make ``cls`` the config dataclass of every method in ``methods``."""
+    for method in methods:
+        CONFIG_CLASSES[method] = cls
+
+
 def config_class_for(method: str) -> type:
     """The trainer config dataclass for a ``method`` value."""
-    from .trainers import CONFIG_CLASSES
-
+    if not CONFIG_CLASSES:
+        raise ConfigError("no trainer config is registered: import diffalign.trainers (it registers every "
+                          "trainer's config) before load_config")
     if method not in CONFIG_CLASSES:
         raise ConfigError(f"config key 'method': unknown method {method!r}; valid: {', '.join(sorted(CONFIG_CLASSES))}")
     return CONFIG_CLASSES[method]

@@ -194,7 +194,7 @@ def test_dual_caption_stream_uses_loser_caption_and_falls_back(pair_ds):
     row, e = _rows_by_example(DualCaptionPairStream(plain, VariantDataOptions(resolution=16)), plain, 1)[0]
     assert e["caption_l"] == perturb_caption(row["caption"]) != row["caption"]
     batch = collate_variant([e, e])
-    assert batch["captions_l"] == [e["caption_l"]] * 2 and batch["pixels_l"].shape[0] == 2
+    assert batch.captions_l == [e["caption_l"]] * 2 and batch.pixels_l.shape[0] == 2
 
 
 def test_reward_stream_swaps_rewards_with_images(pair_ds):
@@ -206,7 +206,7 @@ def test_reward_stream_swaps_rewards_with_images(pair_ds):
     for _, e in _rows_by_example(RewardPairStream(plain, opts), plain, 6):
         assert (e["reward_w"], e["reward_l"]) == (1.0, 0.0)
     b = collate_variant([e, e])
-    assert b["rewards_w"].tolist() == [1.0, 1.0]
+    assert b.rewards_w.tolist() == [1.0, 1.0]
 
 
 def test_unpaired_streams(pair_ds, tmp_path):
@@ -217,9 +217,9 @@ def test_unpaired_streams(pair_ds, tmp_path):
     write_toy_captions(tmp_path / "u", 8, size=16, labels=True)
     ds = load_rows(str(tmp_path / "u"), opts)
     b = collate_variant([e for _, e in _rows_by_example(UnpairedStream(ds, opts, paired=False), ds, 8)])
-    assert b["pixels"].shape == (8, 3, 16, 16) and b["desirable"].tolist() == [bool(x) for x in ds["label"]]
-    warm = b["pixels"][:, 0].mean((1, 2)) > b["pixels"][:, 2].mean((1, 2))
-    assert torch.equal(warm, b["desirable"])  # toy labels: warm = liked
+    assert b.pixels.shape == (8, 3, 16, 16) and b.desirable.tolist() == [bool(x) for x in ds["label"]]
+    warm = b.pixels[:, 0].mean((1, 2)) > b.pixels[:, 2].mean((1, 2))
+    assert torch.equal(warm, b.desirable)  # toy labels: warm = liked
 
 
 def test_tpo_caption_pairs(tmp_path):
@@ -228,10 +228,10 @@ def test_tpo_caption_pairs(tmp_path):
     ds = load_rows(str(tmp_path / "c"), opts)
     pairs = _rows_by_example(CaptionPairStream(ds, opts), ds, 4)
     b = collate_variant([e for _, e in pairs])
-    assert "pixels_l" not in b and b["pixels_w"].shape == (4, 3, 16, 16)
-    assert b["captions"] == ds["caption"] and b["captions_l"] == [perturb_caption(c) for c in ds["caption"]]
+    assert b.pixels_l is None and b.pixels_w.shape == (4, 3, 16, 16)
+    assert b.captions == ds["caption"] and b.captions_l == [perturb_caption(c) for c in ds["caption"]]
     kto = collate_variant([e for _, e in _rows_by_example(CaptionPairStream(ds, opts, unpaired=True), ds, 4)])
-    assert kto["desirable"].tolist() == [True, False] * 4 and torch.equal(kto["pixels"][0], kto["pixels"][1])
+    assert kto.desirable.tolist() == [True, False] * 4 and torch.equal(kto.pixels[0], kto.pixels[1])
     with pytest.raises(Exception, match="caption"):
         load_rows(str(tmp_path / "c"), VariantDataOptions(caption_column="prompt"))
 
