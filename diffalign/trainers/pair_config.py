@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from ..config import BaseTrainConfig, check
 from ..data.variants import PERTURBATIONS, VariantDataOptions
 from ..losses.methods import (
-    OFFLINE_METHODS, CoPGOptions, IPOOptions, KTOOptions, MaPOOptions, OfflineMethod, TPOOptions, offline_method,
+    DPO, OFFLINE_METHODS, CoPGOptions, IPOOptions, KTOOptions, MaPOOptions, OfflineMethod, TPOOptions, offline_method,
 )
 
 NOISING_MODES = ("random", "ddim_inversion")
@@ -43,7 +43,7 @@ class PairTrainConfig(BaseTrainConfig):
     """Config of ``method:`` one of the registered offline methods (dpo, mapo, sft, kto, dcpo,
     tpo, ipo, copg, inpo, ...)."""
 
-    method: str = "dpo"
+    method: str = DPO.name
     data_opts: VariantDataOptions = field(default_factory=VariantDataOptions)
     loss: PairLossOptions = field(default_factory=PairLossOptions)
 
