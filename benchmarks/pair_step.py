@@ -87,6 +87,7 @@ def build_adapter(arch: str, opts, device, dtype):
 
 def run_case(args, method: str, attention: str, checkpointing: bool, device, cache: bool = False) -> dict:
     from diffalign.config import LoraOptions, ModelOptions
+    from diffalign.data.batches import CachedPairBatch, PairBatch
     from diffalign.trainers.pair import PairTrainConfig, pair_forward, pair_loss
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -113,14 +114,14 @@ def run_case(args, method: str, attention: str, checkpointing: bool, device, cac
     opt = torch.optim.AdamW(params, lr=1e-6)
     cfg = PairTrainConfig(method=method, data="bench")
     r = args.resolution
-    batch = {"pixels_w": torch.rand(args.batch, 3, r, r) * 2 - 1, "pixels_l": torch.rand(args.batch, 3, r, r) * 2 - 1,
-             "captions": ["a benchmark prompt"] * args.batch}
+    batch = PairBatch(pixels_w=torch.rand(args.batch, 3, r, r) * 2 - 1, pixels_l=torch.rand(args.batch, 3, r, r) * 2 - 1,
+                      captions=["a benchmark prompt"] * args.batch)
     if cache:  # what the latent cache hands the step: VAE moments and conditioning, precomputed
         with torch.no_grad():
-            mw, sw = adapter.encode_moments(batch["pixels_w"].to(device))
-            ml, sl = adapter.encode_moments(batch["pixels_l"].to(device))
-            batch = {"mean_w": mw, "std_w": sw, "mean_l": ml, "std_l": sl, "cond": adapter.encode_prompt(batch["captions"]),
-                     "captions": batch["captions"]}
+            mw, sw = adapter.encode_moments(batch.pixels_w.to(device))
+            ml, sl = adapter.encode_moments(batch.pixels_l.to(device))
+            batch = CachedPairBatch(mean_w=mw, std_w=sw, mean_l=ml, std_l=sl, cond=adapter.encode_prompt(batch.captions),
+                                    captions=batch.captions)
     gen = torch.Generator().manual_seed(0)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 

@@ -137,7 +137,7 @@ def check(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(f"config key '{key}': {msg}")
 
 
-_check = check  # old name, still imported by trainers/grpo.py and trainers/pair.py until their rewrite lands
+_check = check  # the old private name, kept for scripts outside the package
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,10 +274,23 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+# ``method`` value -> the config dataclass of the trainer that runs it. Trainers register their
+# config here (:func:`register_config`, done by ``import diffalign.trainers``), so this layer
+# never imports a trainer.
+CONFIG_CLASSES: dict[str, type] = {}
+
+
+def register_config(cls: type, *methods: str) -> None:
+    """Make ``cls`` the config dataclass of every method in ``methods``."""
+    for method in methods:
+        CONFIG_CLASSES[method] = cls
+
+
 def config_class_for(method: str) -> type:
     """The trainer config dataclass for a ``method`` value."""
-    from .trainers import CONFIG_CLASSES
-
+    if not CONFIG_CLASSES:
+        raise ConfigError("no trainer config is registered: import diffalign.trainers (it registers every "
+                          "trainer's config) before load_config")
     if method not in CONFIG_CLASSES:
         raise ConfigError(f"config key 'method': unknown method {method!r}; valid: {', '.join(sorted(CONFIG_CLASSES))}")
     return CONFIG_CLASSES[method]

@@ -29,3 +29,14 @@ def save_safetensors(tensors: dict, path: str | Path) -> None:
 
     save_file(tensors, str(path))
     world_readable(path)
+
+
+def jpeg_bytes(arr, quality: int = 90) -> bytes:
+    """``uint8 [H, W, 3]`` array -> JPEG bytes (the one encoder the package's data writers use)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()

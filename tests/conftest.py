@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+import diffalign.trainers  # noqa: F401  registers every trainer config with diffalign.config.load_config
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never reach a hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -45,7 +45,7 @@ def test_cached_and_uncached_losses_match(tiny_model, toy_pairs, tmp_path, kind)
             w, l = w.flip(-1), l.flip(-1)
         examples.append({"pixels_w": w, "pixels_l": l, "caption": index["captions"][r["caption"]]})
     uncached = collate_pairs(examples)
-    assert cached["captions"] == uncached["captions"]
+    assert cached.captions == uncached.captions
     results = []
     for batch in (uncached, cached):
         torch.manual_seed(0)  # the posterior sample draws from the global RNG in both paths
@@ -72,7 +72,8 @@ def test_training_from_cache_and_fingerprint_check(tiny_model, toy_pairs, tmp_pa
 
 
 def test_cached_reference_losses_equal_a_fresh_reference_pass(tiny_model, toy_pairs, tmp_path):
-    from diffalign.trainers.pair import _reference_mse, fixed_pair_draws
+    from diffalign.data.cache import fixed_pair_draws
+    from diffalign.trainers.pair import reference_mse
     from diffalign.models import cat_cond
 
     cfg = _cfg(tiny_model("sd15"), toy_pairs, tmp_path, "loss.cached_reference=true", "max_steps=3", "batch_size=4")
@@ -88,7 +89,7 @@ def test_cached_reference_losses_equal_a_fresh_reference_pass(tiny_model, toy_pa
     again = fixed_pair_draws(adapter, batch)
     torch.testing.assert_close(latents, again[0])  # the draws are a function of the pair alone
     x_t, target = adapter.noisy_input_and_target(latents, noise, t)
-    ref = _reference_mse(adapter, None, x_t, t, cat_cond(batch["cond"], batch["cond"]), target)
-    torch.testing.assert_close(ref, torch.cat([batch["ref_w"], batch["ref_l"]]), rtol=1e-5, atol=1e-6)
+    ref = reference_mse(adapter, None, x_t, t, cat_cond(batch.cond, batch.cond), target)
+    torch.testing.assert_close(ref, torch.cat([batch.ref_w, batch.ref_l]), rtol=1e-5, atol=1e-6)
     with pytest.raises(UserError, match="cache_dir"):
         load_config(ROOT / "diffalign/configs/tiny/dpo.yaml", ["model=M", "data=D", "loss.cached_reference=true"])

@@ -104,7 +104,7 @@ def test_empty_prompt_fraction(toy_pairs):
     opts = DataOptions(resolution=16, empty_prompt_prob=0.5, drop_ties=False)
     loader = pair_dataloader(toy_pairs, opts, batch_size=8, seed=0)
     it = iter(loader)
-    captions = [c for _ in range(12) for c in next(it)["captions"]]
+    captions = [c for _ in range(12) for c in next(it).captions]
     frac = sum(c == "" for c in captions) / len(captions)
     assert 0.35 < frac < 0.65
 

@@ -32,19 +32,8 @@ LAYERS: list[set[str]] = [
 # Known violations, in files colleagues are rewriting in parallel (issue #12): delete an entry
 # once that work is merged. (importer, imported module) edges are left out of the layer and the
 # cycle checks; (importer, module, name) entries are the private names still imported.
-ALLOWED_EDGES = {
-    # config.config_class_for imports trainers.CONFIG_CLASSES (upward, and the config<->trainers cycle)
-    ("diffalign.config", "diffalign.trainers"),
-    # data/cache.py imports trainers.pair.fixed_pair_draws while trainers/pair.py imports data.cache
-    ("diffalign.data.cache", "diffalign.trainers.pair"),
-}
-ALLOWED_PRIVATE = {
-    # config._check was renamed config.check; these files keep the `_check` alias until their rewrite lands
-    ("diffalign.trainers.pair", "diffalign.config", "_check"),
-    # data/variants.py and data/cache.py (being rewritten) still use the old private aliases
-    ("diffalign.data.variants", "diffalign.data.toy", "_jpeg"),
-    ("diffalign.data.cache", "diffalign.data.pickapic", "_parquet_files"),
-}
+ALLOWED_EDGES: set[tuple[str, str]] = set()
+ALLOWED_PRIVATE: set[tuple[str, str, str]] = set()
 
 
 def _modules() -> dict[str, Path]:

@@ -195,7 +195,7 @@ def test_dual_caption_stream_uses_loser_caption_and_falls_back(pair_ds):
     row, e = _rows_by_example(DualCaptionPairStream(plain, VariantDataOptions(resolution=16)), plain, 1)[0]
     assert e["caption_l"] == perturb_caption(row["caption"]) != row["caption"]
     batch = collate_variant([e, e])
-    assert batch["captions_l"] == [e["caption_l"]] * 2 and batch["pixels_l"].shape[0] == 2
+    assert batch.captions_l == [e["caption_l"]] * 2 and batch.pixels_l.shape[0] == 2
 
 
 def test_reward_stream_swaps_rewards_with_images(pair_ds):
@@ -207,7 +207,7 @@ def test_reward_stream_swaps_rewards_with_images(pair_ds):
     for _, e in _rows_by_example(RewardPairStream(plain, opts), plain, 6):
         assert (e["reward_w"], e["reward_l"]) == (1.0, 0.0)
     b = collate_variant([e, e])
-    assert b["rewards_w"].tolist() == [1.0, 1.0]
+    assert b.rewards_w.tolist() == [1.0, 1.0]
 
 
 def test_unpaired_streams(pair_ds, tmp_path):
@@ -218,9 +218,9 @@ def test_unpaired_streams(pair_ds, tmp_path):
     write_toy_captions(tmp_path / "u", 8, size=16, labels=True)
     ds = load_rows(str(tmp_path / "u"), opts)
     b = collate_variant([e for _, e in _rows_by_example(UnpairedStream(ds, opts, paired=False), ds, 8)])
-    assert b["pixels"].shape == (8, 3, 16, 16) and b["desirable"].tolist() == [bool(x) for x in ds["label"]]
-    warm = b["pixels"][:, 0].mean((1, 2)) > b["pixels"][:, 2].mean((1, 2))
-    assert torch.equal(warm, b["desirable"])  # toy labels: warm = liked
+    assert b.pixels.shape == (8, 3, 16, 16) and b.desirable.tolist() == [bool(x) for x in ds["label"]]
+    warm = b.pixels[:, 0].mean((1, 2)) > b.pixels[:, 2].mean((1, 2))
+    assert torch.equal(warm, b.desirable)  # toy labels: warm = liked
 
 
 def test_tpo_caption_pairs(tmp_path):
@@ -229,10 +229,10 @@ def test_tpo_caption_pairs(tmp_path):
     ds = load_rows(str(tmp_path / "c"), opts)
     pairs = _rows_by_example(CaptionPairStream(ds, opts), ds, 4)
     b = collate_variant([e for _, e in pairs])
-    assert "pixels_l" not in b and b["pixels_w"].shape == (4, 3, 16, 16)
-    assert b["captions"] == ds["caption"] and b["captions_l"] == [perturb_caption(c) for c in ds["caption"]]
+    assert b.pixels_l is None and b.pixels_w.shape == (4, 3, 16, 16)
+    assert b.captions == ds["caption"] and b.captions_l == [perturb_caption(c) for c in ds["caption"]]
     kto = collate_variant([e for _, e in _rows_by_example(CaptionPairStream(ds, opts, unpaired=True), ds, 4)])
-    assert kto["desirable"].tolist() == [True, False] * 4 and torch.equal(kto["pixels"][0], kto["pixels"][1])
+    assert kto.desirable.tolist() == [True, False] * 4 and torch.equal(kto.pixels[0], kto.pixels[1])
     with pytest.raises(Exception, match="caption"):
         load_rows(str(tmp_path / "c"), VariantDataOptions(caption_column="prompt"))
 
@@ -328,3 +328,55 @@ def test_adapter_inversion_deterministic_uses_reference_and_matches_hand_step(ti
     with torch.no_grad():  # with the LoRA on, the same step differs: the reference was used
         e_on = adapter.predict(x0, torch.zeros(2, dtype=torch.long) if not adapter.is_flow else torch.zeros(2), cond).float()
     assert not torch.allclose(e_on, target, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------- registry
+def test_every_registered_method_declares_what_the_trainer_derives(tmp_path):
+    """The pair trainer's config reads beta, the reference, the noising and the data variant
+    from the method's class; each registered method has a tiny config that loads."""
+    from pathlib import Path
+
+    from diffalign.data.batches import PairBatch
+    from diffalign.losses.methods import OFFLINE_METHODS, DataVariant, OfflineMethod, PairMSEs
+
+    root = Path(__file__).resolve().parents[1] / "diffalign" / "configs" / "tiny"
+    assert set(OFFLINE_METHODS) == {"dpo", "mapo", "sft", "kto", "dcpo", "tpo", "ipo", "copg", "inpo"}
+    for name, method in OFFLINE_METHODS.items():
+        assert issubclass(method, OfflineMethod) and method.name == name and isinstance(method.variant, DataVariant)
+        cfg = load_config(root / f"{name}.yaml", ["model=m", "data=d", "loss.beta=null", "loss.noising=null"])
+        assert cfg.objective.resolve(cfg.loss) is cfg.objective
+        assert cfg.beta == method.resolve(cfg.loss).default_beta
+        assert cfg.noising == method.noising
+        assert cfg.needs_reference == (method.needs_reference or method.noising == "ddim_inversion")
+    assert load_config(None, ["method=mapo", "model=m", "data=d"]).beta == 0.1
+    assert load_config(None, ["method=tpo", "model=m", "data=d", "loss.base=kto"]).objective.variant == DataVariant.CAPTION_UNPAIRED
+    # a method object is callable on MSEs + the batch: CoPG reads the batch's rewards when present
+    copg = OFFLINE_METHODS["copg"](beta=2.0)
+    w, l = torch.tensor([0.2, 0.4]), torch.tensor([0.3, 0.1])
+    batch = PairBatch(pixels_w=torch.zeros(2, 3, 2, 2), captions=["a", "b"],
+                      rewards_w=torch.tensor([3.0, 3.0]), rewards_l=torch.tensor([0.0, 0.0]))
+    with_rewards = copg(PairMSEs(w, l, w, l), batch)[1]["reward_gap"]
+    default = copg(PairMSEs(w, l, w, l), None)[1]["reward_gap"]
+    assert with_rewards.item() == 3.0 and default.item() == 1.0
+    with pytest.raises(ConfigError, match="cached_reference"):
+        load_config(None, ["method=mapo", "model=m", "data=d", "data_opts.cache_dir=c", "loss.cached_reference=true"])
+
+
+def test_trainers_and_data_name_no_method():
+    """What differs between methods lives on the method classes: no module under trainers/ or
+    data/ spells a registered method's name as a string."""
+    import ast
+    from pathlib import Path
+
+    from diffalign.losses.methods import OFFLINE_METHODS
+
+    pkg = Path(__file__).resolve().parents[1] / "diffalign"
+    found = []
+    for f in [*(pkg / "trainers").rglob("*.py"), *(pkg / "data").rglob("*.py")]:
+        tree = ast.parse(f.read_text())
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)) and n.body
+                      and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        found += [f"{f.name}:{n.lineno} {n.value!r}" for n in ast.walk(tree)
+                  if isinstance(n, ast.Constant) and n.value in OFFLINE_METHODS and id(n) not in docstrings]
+    assert not found, found

@@ -1,6 +1,7 @@
 """Each tiny config of the offline method breadth trains 2 steps end to end through
 ``diffalign.trainers.train`` on one shared tiny SD1.5 model and toy data, and writes a loadable LoRA."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -65,11 +66,11 @@ def test_dcpo_forward_conditions_sides_on_their_captions(tiny_model, toy_pairs):
         torch.manual_seed(0)  # VAE latent sampling
         return pair_forward(adapter, adapter.denoiser, adapter.denoiser, b, torch.Generator().manual_seed(1), "dcpo", cfg)
 
-    same = run({**batch, "captions_l": list(batch["captions"])})
+    same = run(dataclasses.replace(batch, captions_l=list(batch.captions)))
     plain = run(batch)
     for a, b in zip(same, plain):
         torch.testing.assert_close(a, b)
-    other = run({**batch, "captions_l": ["a completely different prompt"] * 3})
+    other = run(dataclasses.replace(batch, captions_l=["a completely different prompt"] * 3))
     torch.testing.assert_close(other[0], plain[0])
     assert not torch.allclose(other[1], plain[1])
     loss, metrics = pair_loss(cfg, *other, adapter.num_train_timesteps)

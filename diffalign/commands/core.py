@@ -76,6 +76,7 @@ def cmd_toy_data(args) -> int:
 
 
 def cmd_cache(args) -> int:
+    from .. import trainers  # noqa: F401  registers the trainer configs load_config picks from
     from ..config import load_config
     from ..data.cache import build_cache, check_cache
     from ..errors import UserError

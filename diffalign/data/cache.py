@@ -41,6 +41,9 @@ import torch
 
 from ..errors import UserError
 from ..logging import progress
+from ..losses import per_sample_mse
+from ..models import cat_cond
+from .batches import CachedPairBatch
 from .pickapic import PairTransform, classify_row, decode_image, load_preference_dataset
 
 CACHE_VERSION = 2  # 2: data and model keyed by content instead of path strings
@@ -89,9 +92,9 @@ def _visible_files(root: Path) -> list[Path]:
 
 def data_content(source: str, opts) -> dict:
     """Content signature of the data ``source`` (see :func:`load_raw_dataset`)."""
-    from .pickapic import _parquet_files
+    from .pickapic import parquet_files
 
-    files = _parquet_files(source) if source else None
+    files = parquet_files(source) if source else None
     if files is not None:
         paths = [Path(f).resolve() for f in files]
         root = Path(os.path.commonpath([str(p.parent) for p in paths]))
@@ -165,18 +168,34 @@ def row_seed(seed: int, row: int) -> int:
     return (seed * 1_000_003 + row * 7_919 + 17) % (2**63 - 1)
 
 
+def fixed_pair_draws(adapter, batch: CachedPairBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latents [2B], noise [2B], timesteps [2B]) of the cached-reference estimator: pair ``i``
+    always gets the posterior samples, noise and timestep drawn from ``Generator(row_seed[i])``,
+    so the reference losses stored in the cache belong to exactly this (x_t, t)."""
+    means, noises, ts = [], [], []
+    for i, seed in enumerate(batch.row_seed.tolist()):
+        g = torch.Generator().manual_seed(int(seed))
+        t = adapter.sample_timesteps(1, generator=g)
+        shape = batch.mean_w[i].shape
+        eps_w, eps_l, noise = (torch.randn(shape, generator=g) for _ in range(3))
+        means.append((batch.mean_w[i] + batch.std_w[i] * eps_w, batch.mean_l[i] + batch.std_l[i] * eps_l))
+        noises.append(noise)
+        ts.append(t)
+    samples = torch.stack([m[0] for m in means] + [m[1] for m in means])
+    latents = adapter.scale_latents(samples)
+    noise = torch.stack(noises).to(latents.device)
+    t = torch.cat(ts).to(latents.device)
+    return latents, torch.cat([noise, noise]), torch.cat([t, t])
+
+
 @torch.no_grad()
 def compute_reference_losses(cfg, adapter, out: Path, index: dict, batch_size: int = 16) -> None:
-    """The reference's per-pair MSEs at each pair's fixed draws (``fixed_pair_draws``), stored as
+    """The reference's per-pair MSEs at each pair's fixed draws (:func:`fixed_pair_draws`), stored as
     ``reference.safetensors`` (``ref_w``, ``ref_l`` in row order). The reference is the network as
     loaded: adapters disabled when LoRA is already attached."""
     from safetensors.torch import load_file
 
     from ..files import save_safetensors as save_file
-
-    from ..losses import per_sample_mse
-    from ..models import cat_cond
-    from ..trainers.pair import fixed_pair_draws
 
     shards = [load_file(str(out / f"shard-{i:05d}.safetensors")) for i in range(index["shards"])]
     conds = load_file(str(out / "captions.safetensors"))
@@ -185,9 +204,10 @@ def compute_reference_losses(cfg, adapter, out: Path, index: dict, batch_size: i
     has_lora = getattr(adapter.denoiser, "_hf_peft_config_loaded", False)
     for start in progress(range(0, len(rows), batch_size), desc="cache reference losses"):
         chunk = rows[start:start + batch_size]
-        batch = {k: torch.stack([shards[r["shard"]][k][r["offset"]] for r in chunk]) for k in ("mean_w", "std_w", "mean_l", "std_l")}
-        batch["row_seed"] = torch.tensor([row_seed(cfg.seed, start + j) for j in range(len(chunk))])
+        moments = {k: torch.stack([shards[r["shard"]][k][r["offset"]] for r in chunk]) for k in ("mean_w", "std_w", "mean_l", "std_l")}
         cond = {k: torch.stack([v[r["caption"]] for r in chunk]).to(adapter.device) for k, v in conds.items()}
+        batch = CachedPairBatch(**moments, cond=cond, captions=[index["captions"][r["caption"]] for r in chunk],
+                                row_seed=torch.tensor([row_seed(cfg.seed, start + j) for j in range(len(chunk))]))
         latents, noise, t = fixed_pair_draws(adapter, batch)
         x_t, target = adapter.noisy_input_and_target(latents, noise, t)
         cond2 = cat_cond(cond, cond)
@@ -207,8 +227,9 @@ def _check_cacheable(cfg) -> None:
         raise UserError("loss.cached_reference=true needs data_opts.cache_dir (the reference losses live in the cache)")
     if cfg.data_opts.random_crop:
         raise UserError("data_opts.cache_dir needs data_opts.random_crop=false (random crops cannot be precomputed)")
-    if cfg.method in ("kto", "dcpo", "tpo"):
-        raise UserError(f"data_opts.cache_dir: method {cfg.method!r} reads its own data variant; the cache serves pair methods")
+    if not cfg.objective.cacheable:
+        raise UserError(f"data_opts.cache_dir: method {cfg.method!r} reads its own data variant "
+                        f"({cfg.objective.variant.value}); the cache serves Pick-a-Pic pairs")
 
 
 @torch.no_grad()
@@ -406,17 +427,17 @@ class CachedPairStream(torch.utils.data.IterableDataset):
         }
 
 
-def collate_cached(examples: list[dict]) -> dict:
+def collate_cached(examples: list[dict]) -> CachedPairBatch:
     skipped: Counter = Counter()
     for e in examples:
         skipped.update(e.get("skipped", {}))
-    keys = [k for k in ("mean_w", "std_w", "mean_l", "std_l", "row_seed", "ref_w", "ref_l") if k in examples[0]]
-    return {
-        **{k: torch.stack([e[k] for e in examples]) for k in keys},
-        "cond": {k: torch.stack([e["cond"][k] for e in examples]) for k in examples[0]["cond"]},
-        "captions": [e["caption"] for e in examples],
-        "skipped": dict(skipped),
-    }
+    optional = [k for k in ("row_seed", "ref_w", "ref_l") if k in examples[0]]
+    return CachedPairBatch(
+        **{k: torch.stack([e[k] for e in examples]) for k in ("mean_w", "std_w", "mean_l", "std_l", *optional)},
+        cond={k: torch.stack([e["cond"][k] for e in examples]) for k in examples[0]["cond"]},
+        captions=[e["caption"] for e in examples],
+        skipped=dict(skipped),
+    )
 
 
 def cached_dataloader(cfg, adapter, accelerator):

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from .batches import PairBatch
 
 REQUIRED_COLUMNS = ("jpg_0", "jpg_1", "label_0")
 
@@ -42,7 +43,6 @@ def parquet_files(source: str) -> list[str] | None:
     return None
 
 
-_parquet_files = parquet_files  # old name, still imported by data/cache.py until its rewrite lands (tests/test_layers.py)
 
 
 def load_raw_dataset(source: str, opts) -> Any:
@@ -273,16 +273,16 @@ class PreferencePairStream(torch.utils.data.IterableDataset):
         return {"pixels_w": pixels_w, "pixels_l": pixels_l, "caption": caption}
 
 
-def collate_pairs(examples: list[dict]) -> dict:
+def collate_pairs(examples: list[dict]) -> PairBatch:
     skipped: Counter = Counter()
     for e in examples:
         skipped.update(e.get("skipped", {}))
-    return {
-        "pixels_w": torch.stack([e["pixels_w"] for e in examples]),
-        "pixels_l": torch.stack([e["pixels_l"] for e in examples]),
-        "captions": [e["caption"] for e in examples],
-        "skipped": dict(skipped),
-    }
+    return PairBatch(
+        pixels_w=torch.stack([e["pixels_w"] for e in examples]),
+        pixels_l=torch.stack([e["pixels_l"] for e in examples]),
+        captions=[e["caption"] for e in examples],
+        skipped=dict(skipped),
+    )
 
 
 def pair_dataloader(source: str, opts, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):

@@ -9,24 +9,18 @@ loader's swap.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
+
+from ..files import jpeg_bytes  # noqa: F401  (re-exported: data writers import it from here)
 
 SUBJECTS = ["a cat", "a dog", "a house", "a tree", "a car", "a boat", "a flower", "a mountain"]
 STYLES = ["at sunset", "in watercolor", "at noon", "in the snow", "as a sketch", "on a beach"]
 
 
-def jpeg_bytes(arr: np.ndarray, quality: int = 90) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
 
 
-_jpeg = jpeg_bytes  # old name, still imported by data/variants.py until its rewrite lands (tests/test_layers.py)
 
 
 def toy_preferred_image(rng: np.random.Generator, size: int) -> np.ndarray:

@@ -3,19 +3,23 @@
 
 All are subclasses of :class:`~diffalign.data.pickapic.PreferencePairStream` that override only
 ``_example`` (one row -> one example), so they inherit its sharding, epoch reshuffling,
-skip counting and resumable position. Batches (from :func:`collate_variant`):
+skip counting and resumable position. A method declares the variant it reads
+(:class:`~diffalign.losses.methods.DataVariant`); :data:`STREAMS` maps each variant to its
+stream. Batches (from :func:`collate_variant`, see :mod:`.batches`):
 
-* pairs (``dpo``, ``mapo``, ``sft``, ``ipo``, ``inpo``): the Pick-a-Pic path unchanged
-  (:func:`~diffalign.data.pickapic.pair_dataloader`): ``pixels_w``, ``pixels_l``, ``captions``;
-* ``dcpo``: the same plus ``captions_l``, the rejected image's caption;
-* ``copg``: pairs plus ``rewards_w`` / ``rewards_l`` (``reward_0`` / ``reward_1`` columns when the
-  data has them, e.g. from ``diffalign relabel``, else the labels ``label_0`` / ``label_1``);
-* ``tpo`` with ``loss.base: dpo``: ``pixels_w`` (one image, used on both sides), ``captions``
-  (matched) and ``captions_l`` (perturbed): no ``pixels_l``;
-* unpaired (``kto``; ``tpo`` with ``loss.base: kto``): ``pixels`` [M,3,H,W], ``captions`` [M] and
-  ``desirable`` (bool [M]). A Pick-a-Pic row gives two examples (chosen = desirable, rejected =
-  undesirable), a TPO row two (matched caption desirable, perturbed undesirable), an unpaired
-  row (``image`` + ``label`` columns) one; ``batch_size`` counts rows.
+* ``PAIRS``: the Pick-a-Pic path unchanged (:func:`~diffalign.data.pickapic.pair_dataloader`):
+  a :class:`~.batches.PairBatch` with ``pixels_w``, ``pixels_l``, ``captions``;
+* ``DUAL_CAPTION_PAIRS`` (DCPO): the same plus ``captions_l``, the rejected image's caption;
+* ``REWARD_PAIRS`` (CoPG): pairs plus ``rewards_w`` / ``rewards_l`` (``reward_0`` / ``reward_1``
+  columns when the data has them, e.g. from ``diffalign relabel``, else the labels
+  ``label_0`` / ``label_1``);
+* ``CAPTION_PAIRS`` (TPO): ``pixels_w`` (one image, used on both sides), ``captions`` (matched)
+  and ``captions_l`` (perturbed): ``pixels_l`` is None;
+* ``UNPAIRED`` (KTO) and ``CAPTION_UNPAIRED`` (TPO with ``loss.base: kto``): an
+  :class:`~.batches.UnpairedBatch`: ``pixels`` [M,3,H,W], ``captions`` [M] and ``desirable``
+  (bool [M]). A Pick-a-Pic row gives two examples (chosen = desirable, rejected = undesirable),
+  a caption row two (matched caption desirable, perturbed undesirable), an unpaired row
+  (``image`` + ``label`` columns) one; ``batch_size`` counts rows.
 
 Caption perturbation (:func:`perturb_caption`) is deterministic in the caption alone (seeded by
 its CRC32), so runs are reproducible and the stream's random state is untouched.
@@ -28,14 +32,16 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..config import DataOptions
 from ..errors import UserError
+from ..losses.methods import DataVariant
+from .batches import PairBatch, UnpairedBatch
 from .pickapic import (
-    REQUIRED_COLUMNS, PreferencePairStream, classify_row, collate_pairs, column_names, decode_image,
+    REQUIRED_COLUMNS, PreferencePairStream, classify_row, column_names, decode_image,
     load_preference_dataset, load_raw_dataset, pair_dataloader,
 )
 
@@ -238,65 +244,71 @@ def load_rows(source: str, opts, need_any_image: bool = True, extra: tuple[str, 
     return ds
 
 
-def collate_variant(examples: list[dict]) -> dict:
-    """Pairs (``pixels_w``...) or unpaired examples (``pixels``...), with optional extras."""
-    if "pixels" in examples[0]:
-        skipped: Counter = Counter()
-        for e in examples:
-            skipped.update(e.get("skipped", {}))
-        return {
-            "pixels": torch.cat([e["pixels"] for e in examples]),
-            "captions": [c for e in examples for c in e["captions"]],
-            "desirable": torch.tensor([d for e in examples for d in e["desirable"]], dtype=torch.bool),
-            "skipped": dict(skipped),
-        }
-    if "pixels_l" in examples[0]:
-        batch = collate_pairs(examples)
-    else:  # one image per row, used for both sides
-        skipped = Counter()
-        for e in examples:
-            skipped.update(e.get("skipped", {}))
-        batch = {"pixels_w": torch.stack([e["pixels_w"] for e in examples]),
-                 "captions": [e["caption"] for e in examples], "skipped": dict(skipped)}
-    if "caption_l" in examples[0]:
-        batch["captions_l"] = [e["caption_l"] for e in examples]
-    if "reward_w" in examples[0]:
-        batch["rewards_w"] = torch.tensor([e["reward_w"] for e in examples], dtype=torch.float32)
-        batch["rewards_l"] = torch.tensor([e["reward_l"] for e in examples], dtype=torch.float32)
+def collate_variant(examples: list[dict]) -> PairBatch | UnpairedBatch:
+    """Unpaired examples (``pixels`` + ``desirable``) -> :class:`UnpairedBatch`; pair examples ->
+    :class:`PairBatch` with whatever the variant adds (``caption_l``, ``reward_w`` / ``reward_l``;
+    no ``pixels_l``: one image for both sides)."""
+    skipped: Counter = Counter()
+    for e in examples:
+        skipped.update(e.get("skipped", {}))
+    first = examples[0]
+    if "pixels" in first:
+        return UnpairedBatch(
+            pixels=torch.cat([e["pixels"] for e in examples]),
+            captions=[c for e in examples for c in e["captions"]],
+            desirable=torch.tensor([d for e in examples for d in e["desirable"]], dtype=torch.bool),
+            skipped=dict(skipped),
+        )
+    batch = PairBatch(pixels_w=torch.stack([e["pixels_w"] for e in examples]),
+                      captions=[e["caption"] for e in examples], skipped=dict(skipped))
+    if "pixels_l" in first:
+        batch.pixels_l = torch.stack([e["pixels_l"] for e in examples])
+    if "caption_l" in first:
+        batch.captions_l = [e["caption_l"] for e in examples]
+    if "reward_w" in first:
+        batch.rewards_w = torch.tensor([e["reward_w"] for e in examples], dtype=torch.float32)
+        batch.rewards_l = torch.tensor([e["reward_l"] for e in examples], dtype=torch.float32)
     return batch
 
 
-def variant_stream(method: str, source: str, opts, seed: int = 0, rank: int = 0, world_size: int = 1,
-                   base: str = "dpo") -> torch.utils.data.IterableDataset | None:
-    """The stream of a method's data variant, or None for the plain Pick-a-Pic pair path."""
-    kw = dict(seed=seed, rank=rank, world_size=world_size)
-    if method == "dcpo":
-        return DualCaptionPairStream(load_preference_dataset(source, opts), opts, **kw)
-    if method == "copg":
-        return RewardPairStream(load_preference_dataset(source, opts), opts, **kw)
-    if method == "tpo":
-        return CaptionPairStream(load_rows(source, opts), opts, unpaired=(base == "kto"), **kw)
-    if method == "kto":
-        ds = load_rows(source, opts, need_any_image=False)
-        cols = column_names(ds)
-        if all(c in cols for c in REQUIRED_COLUMNS):
-            return UnpairedStream(ds, opts, paired=True, **kw)
-        label_col, image_col = _opt(opts, "label_column", "label"), _opt(opts, "image_column", "image")
-        if label_col not in cols or (image_col not in cols and "jpg_0" not in cols):
-            raise UserError(
-                f"data={source!r}: KTO needs Pick-a-Pic pairs ({', '.join(REQUIRED_COLUMNS)}) or unpaired rows "
-                f"({image_col!r} + {label_col!r}: 1 desirable / 0 undesirable) (has: {', '.join(cols)}); "
-                "see data_opts.image_column / label_column"
-            )
-        return UnpairedStream(ds, opts, paired=False, **kw)
-    return None
+def _unpaired_stream(source: str, opts, **kw) -> UnpairedStream:
+    ds = load_rows(source, opts, need_any_image=False)
+    cols = column_names(ds)
+    if all(c in cols for c in REQUIRED_COLUMNS):
+        return UnpairedStream(ds, opts, paired=True, **kw)
+    label_col, image_col = _opt(opts, "label_column", "label"), _opt(opts, "image_column", "image")
+    if label_col not in cols or (image_col not in cols and "jpg_0" not in cols):
+        raise UserError(
+            f"data={source!r}: unpaired (desirable / undesirable) training needs Pick-a-Pic pairs "
+            f"({', '.join(REQUIRED_COLUMNS)}) or unpaired rows "
+            f"({image_col!r} + {label_col!r}: 1 desirable / 0 undesirable) (has: {', '.join(cols)}); "
+            "see data_opts.image_column / label_column"
+        )
+    return UnpairedStream(ds, opts, paired=False, **kw)
+
+
+# The stream of each data variant; the plain Pick-a-Pic pairs use pair_dataloader's own stream.
+STREAMS: dict[DataVariant, Callable[..., PreferencePairStream]] = {
+    DataVariant.DUAL_CAPTION_PAIRS: lambda source, opts, **kw: DualCaptionPairStream(load_preference_dataset(source, opts), opts, **kw),
+    DataVariant.REWARD_PAIRS: lambda source, opts, **kw: RewardPairStream(load_preference_dataset(source, opts), opts, **kw),
+    DataVariant.CAPTION_PAIRS: lambda source, opts, **kw: CaptionPairStream(load_rows(source, opts), opts, **kw),
+    DataVariant.CAPTION_UNPAIRED: lambda source, opts, **kw: CaptionPairStream(load_rows(source, opts), opts, unpaired=True, **kw),
+    DataVariant.UNPAIRED: _unpaired_stream,
+}
+
+
+def variant_stream(variant: DataVariant, source: str, opts, seed: int = 0, rank: int = 0,
+                   world_size: int = 1) -> torch.utils.data.IterableDataset | None:
+    """The stream of a data variant, or None for the plain Pick-a-Pic pair path."""
+    if variant == DataVariant.PAIRS:
+        return None
+    return STREAMS[variant](source, opts, seed=seed, rank=rank, world_size=world_size)
 
 
 def variant_dataloader(cfg, rank: int = 0, world_size: int = 1):
-    """The data loader for ``cfg.method`` (pair trainer config): a variant stream, or the shared
-    Pick-a-Pic pair path for DPO / MaPO / SFT / IPO / InPO (SFT and DPO read the same data)."""
-    base = getattr(cfg.loss, "base", "dpo")
-    stream = variant_stream(cfg.method, cfg.data, cfg.data_opts, cfg.seed, rank, world_size, base=base)
+    """The data loader of the pair trainer config ``cfg``: the stream of the data variant its
+    method reads (``cfg.objective.variant``), or the shared Pick-a-Pic pair path."""
+    stream = variant_stream(cfg.objective.variant, cfg.data, cfg.data_opts, cfg.seed, rank, world_size)
     if stream is None:
         return pair_dataloader(cfg.data, cfg.data_opts, cfg.batch_size, cfg.seed, rank=rank, world_size=world_size)
     n = cfg.data_opts.num_workers
@@ -311,7 +323,7 @@ def write_toy_captions(out_dir: str | Path, n: int, size: int = 32, seed: int = 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .toy import SUBJECTS, STYLES, _jpeg, toy_preferred_image, toy_rejected_image
+    from .toy import SUBJECTS, STYLES, jpeg_bytes, toy_preferred_image, toy_rejected_image
 
     rng = np.random.default_rng(seed)
     cols: dict[str, list] = {"caption": [], "image": []}
@@ -321,7 +333,7 @@ def write_toy_captions(out_dir: str | Path, n: int, size: int = 32, seed: int = 
         good = (not labels) or rng.random() < 0.5
         img = toy_preferred_image(rng, size) if good else toy_rejected_image(rng, size)
         cols["caption"].append(f"{SUBJECTS[rng.integers(len(SUBJECTS))]} {STYLES[rng.integers(len(STYLES))]}")
-        cols["image"].append(_jpeg(img))
+        cols["image"].append(jpeg_bytes(img))
         if labels:
             cols["label"].append(1.0 if good else 0.0)
     types = {"caption": pa.string(), "image": pa.binary(), "label": pa.float64()}
@@ -335,5 +347,5 @@ def write_toy_captions(out_dir: str | Path, n: int, size: int = 32, seed: int = 
 
 __all__ = [
     "CaptionPairStream", "DualCaptionPairStream", "PERTURBATIONS", "RewardPairStream", "UnpairedStream", "VariantDataOptions",
-    "collate_variant", "load_rows", "perturb_caption", "variant_dataloader", "variant_stream", "write_toy_captions",
+    "STREAMS", "collate_variant", "load_rows", "perturb_caption", "variant_dataloader", "variant_stream", "write_toy_captions",
 ]

@@ -19,7 +19,6 @@ Also :func:`write_toy_pairs`: a Pick-a-Pic-schema parquet of learnable toy prefe
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import string
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..files import jpeg_bytes
 
 TINY_IMAGE_SIZE = 32
 TINY_PROJECTION = 16
@@ -201,14 +202,6 @@ def toy_pair_images(rng: np.random.Generator, size: int = 32) -> tuple[np.ndarra
     return np.clip(red, 0, 255).astype(np.uint8), np.clip(blue, 0, 255).astype(np.uint8)
 
 
-def _jpeg(arr: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
-
-
 def write_toy_pairs(path: str | os.PathLike, n: int = 64, seed: int = 0, size: int = 32, tie_fraction: float = 0.0,
                     bad_rows: int = 0) -> Path:
     """Pick-a-Pic-v2-schema parquet where humans always prefer the *redder* image.
@@ -231,8 +224,8 @@ def write_toy_pairs(path: str | os.PathLike, n: int = 64, seed: int = 0, size: i
         l0 = 0.5 if tie else (1.0 if red_first else 0.0)
         rows["ranking_id"].append(i)
         rows["caption"].append(TOY_PROMPTS[i % len(TOY_PROMPTS)])
-        rows["jpg_0"].append(_jpeg(im0))
-        rows["jpg_1"].append(b"not a jpeg" if i < bad_rows else _jpeg(im1))
+        rows["jpg_0"].append(jpeg_bytes(im0, quality=95))
+        rows["jpg_1"].append(b"not a jpeg" if i < bad_rows else jpeg_bytes(im1, quality=95))
         rows["label_0"].append(l0)
         rows["label_1"].append(1.0 - l0)
         rows["image_0_uid"].append(f"{i}-0")

@@ -1,17 +1,21 @@
 """Trainers: one loop per *kind* of method (offline pairs, online GRPO), shared by all models.
 
-``CONFIG_CLASSES`` maps the config's ``method`` to its config dataclass; ``TRAINERS`` maps it to
-the function that runs it.
+Importing this package registers each trainer's config dataclass with
+:func:`diffalign.config.register_config` (so ``load_config`` picks it by ``method``);
+``TRAINERS`` maps a ``method`` to the function that runs it.
 """
 
 from __future__ import annotations
 
+from ..config import CONFIG_CLASSES, register_config  # noqa: F401  (CONFIG_CLASSES: re-exported)
+from ..losses.methods import OFFLINE_METHODS
 from .grpo import train_grpo
 from .grpo_config import GRPOConfig
-from .pair import PAIR_METHODS, PairTrainConfig, train_pairs
+from .pair import PairTrainConfig, train_pairs
 
-CONFIG_CLASSES: dict[str, type] = {**{m: PairTrainConfig for m in PAIR_METHODS}, "grpo": GRPOConfig}
-TRAINERS = {**{m: train_pairs for m in PAIR_METHODS}, "grpo": train_grpo}
+register_config(PairTrainConfig, *OFFLINE_METHODS)
+register_config(GRPOConfig, "grpo")
+TRAINERS = {**{m: train_pairs for m in OFFLINE_METHODS}, "grpo": train_grpo}
 
 
 def train(cfg) -> dict:

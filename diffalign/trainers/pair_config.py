@@ -1,0 +1,93 @@
+"""Config of the offline pair trainer: ``method:`` any registered offline method
+(:data:`diffalign.losses.methods.OFFLINE_METHODS`).
+
+What differs between methods (default beta, reference, data variant, noising, cacheability) is
+read from the method's class; this file holds only the keys. ``loss:`` inherits every method's
+options dataclass, so its YAML keys stay flat (``loss.tau``, ``loss.snr_value``, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import BaseTrainConfig, check
+from ..data.variants import PERTURBATIONS, VariantDataOptions
+from ..losses.methods import (
+    DPO, OFFLINE_METHODS, CoPGOptions, IPOOptions, KTOOptions, MaPOOptions, OfflineMethod, TPOOptions, offline_method,
+)
+
+NOISING_MODES = ("random", "ddim_inversion")
+
+
+@dataclass
+class PairLossOptions(MaPOOptions, KTOOptions, IPOOptions, TPOOptions, CoPGOptions):
+    """``loss:`` of the pair trainer: the keys every method shares, plus (inherited) each
+    method's own options. A method reads only its ``Options`` fields."""
+
+    beta: float | None = None  # None: the method's default_beta (dpo-like 5000, mapo 0.1)
+    max_nonfinite_steps: int = 5  # abort after this many consecutive NaN/inf steps
+    noising: str | None = None  # random | ddim_inversion; None: the method's own (ddim_inversion for inpo)
+    inversion_steps: int = 4  # DDIM/Euler inversion steps for noising=ddim_inversion
+    # Estimator variant (needs data_opts.cache_dir): one fixed (timestep, noise) per pair, and the
+    # reference's losses at it computed once into the cache; no reference forward while training.
+    cached_reference: bool = False
+
+    def validate(self) -> None:
+        super().validate()  # every method's options (cooperative through the bases)
+        check(self.noising is None or self.noising in NOISING_MODES, "loss.noising", f"must be one of {', '.join(NOISING_MODES)}")
+        check(self.inversion_steps >= 1, "loss.inversion_steps", "must be >= 1")
+
+
+@dataclass
+class PairTrainConfig(BaseTrainConfig):
+    """Config of ``method:`` one of the registered offline methods (dpo, mapo, sft, kto, dcpo,
+    tpo, ipo, copg, inpo, ...)."""
+
+    method: str = DPO.name
+    data_opts: VariantDataOptions = field(default_factory=VariantDataOptions)
+    loss: PairLossOptions = field(default_factory=PairLossOptions)
+
+    @property
+    def objective(self) -> type[OfflineMethod]:
+        """The method class that runs (resolved with the ``loss`` options)."""
+        return offline_method(self.method).resolve(self.loss)
+
+    def build_objective(self, num_train_timesteps: int = 1000) -> OfflineMethod:
+        """The callable loss: ``objective(mses, batch) -> (loss, metrics)``."""
+        return self.objective(self.loss.beta, self.loss, num_train_timesteps)
+
+    @property
+    def beta(self) -> float:
+        return self.loss.beta if self.loss.beta is not None else self.objective.default_beta
+
+    @property
+    def noising(self) -> str:
+        return self.loss.noising if self.loss.noising is not None else self.objective.noising
+
+    @property
+    def loss_kind(self) -> str:
+        """The pure loss that runs: dpo | mapo | sft | kto | ipo | copg."""
+        return self.objective.loss_kind
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.objective.needs_reference or self.noising == "ddim_inversion"
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.method in OFFLINE_METHODS, "method", f"the pair trainer runs {', '.join(OFFLINE_METHODS)}")
+        check(self.data is not None, "data", "is required (hub id, dataset dir or parquet)")
+        method = self.objective
+        check(self.loss.beta is None or self.loss.beta > 0 or not method.beta_required, "loss.beta", "must be > 0")
+        self.loss.validate()
+        check(self.data_opts.caption_perturbation in PERTURBATIONS, "data_opts.caption_perturbation",
+              f"must be one of {', '.join(PERTURBATIONS)}")
+        check(0.0 <= self.data_opts.empty_prompt_prob <= 1.0, "data_opts.empty_prompt_prob", "must be in [0, 1]")
+        check(self.data_opts.resolution >= 8, "data_opts.resolution", "must be >= 8")
+        if self.loss.cached_reference:
+            check(bool(self.data_opts.cache_dir), "loss.cached_reference", "needs data_opts.cache_dir (the losses live in the cache)")
+            supported = [m.name for m in OFFLINE_METHODS.values() if m.cached_reference]
+            check(method.cached_reference, "loss.cached_reference", f"applies to {', '.join(supported)}")
+
+
+__all__ = ["NOISING_MODES", "PairLossOptions", "PairTrainConfig"]
