@@ -149,3 +149,19 @@ def test_select_fraction_keeps_a_fraction_of_each_row():
     assert counts.tolist() == [6] * n_rows
     assert len(set(sel.tolist())) == sel.numel()
     assert select_fraction(trans, 1.0, torch.Generator()).numel() == n_rows * n_steps
+
+
+def test_select_fraction_first_keeps_the_earliest_steps_of_each_row():
+    """flow_grpo's convention: the first int(n * f) steps of each trajectory, never the last."""
+    from diffalign.trainers.grpo import select_fraction
+
+    n_rows, n_steps = 4, 10
+    # transitions stored step-major (as the rollout records them): step i of every row, then i + 1
+    step = torch.arange(n_steps).repeat_interleave(n_rows)
+    trans = {"log_prob": torch.zeros(n_rows * n_steps), "depth": torch.zeros(n_rows * n_steps, dtype=torch.long),
+             "node": torch.arange(n_rows).repeat(n_steps), "step": step}
+    sel = select_fraction(trans, 0.35, torch.Generator().manual_seed(0), first=True)
+    for r in range(n_rows):
+        mine = sel[trans["node"][sel] == r]
+        assert sorted(step[mine].tolist()) == [0, 1, 2]  # int(10 * 0.35) = 3: steps 0, 1, 2
+    assert select_fraction(trans, 0.01, torch.Generator(), first=True).numel() == n_rows  # at least one per row

@@ -250,7 +250,8 @@ class GRPORecipe:
         for d, ad in enumerate(per_depth):
             mask = (tr["depth"] == d).cpu()
             adv[mask] = ad[tr["node"].cpu()[mask]]
-        selected = select_fraction(tr, cfg.schedule.timestep_fraction, self.generator).to(self.device)
+        selected = select_fraction(tr, cfg.schedule.timestep_fraction, self.generator,
+                                   first=cfg.schedule.timestep_selection == "first").to(self.device)
         w = step_weights(self.table, tr["step"], tr["std"], cfg.loss.step_weighting)
         return StepAdvantages(Transitions.from_rollout(tr, adv.to(self.device), w), selected, scores, groups, combined)
 
@@ -421,23 +422,25 @@ def make_plan(cfg: GRPOConfig, iteration: int, generator: torch.Generator) -> tu
     return tree_plan(s.num_steps, t.branch_steps, t.branch_factor, t.sde_between), {}
 
 
-def select_fraction(trans: dict, fraction: float, generator: torch.Generator) -> torch.Tensor:
-    """Indices of a random ``fraction`` of each row's transitions (DanceGRPO's timestep fraction).
-
-    A row is a tree node segment ``(depth, node)``; at least one transition per row is kept.
+def select_fraction(trans: dict, fraction: float, generator: torch.Generator, first: bool = False) -> torch.Tensor:
+    """Indices of a ``fraction`` of each row's transitions: a random ``round(n * fraction)`` of
+    them (DanceGRPO's timestep fraction), or with ``first`` the earliest ``int(n * fraction)`` in
+    sampling order (flow_grpo's). A row is a tree node segment ``(depth, node)``; at least one
+    transition per row is kept.
     """
     n = trans["log_prob"].shape[0]
     if fraction >= 1.0:
         return torch.arange(n)
     row = (trans["depth"].cpu() * (int(trans["node"].max()) + 1) + trans["node"].cpu())
-    key = torch.rand(n, generator=generator)
-    order = torch.argsort(key)
+    key = trans["step"].cpu().float() if first else torch.rand(n, generator=generator)
+    order = torch.argsort(key, stable=True)
     order = order[torch.argsort(row[order], stable=True)]
     sorted_rows = row[order]
     _, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(n) - torch.repeat_interleave(starts, counts)
-    keep_n = torch.repeat_interleave(torch.clamp((counts.float() * fraction).round().long(), min=1), counts)
+    kept = (counts.float() * fraction).floor() if first else (counts.float() * fraction).round()
+    keep_n = torch.repeat_interleave(torch.clamp(kept.long(), min=1), counts)
     return torch.sort(order[rank < keep_n]).values
 
 

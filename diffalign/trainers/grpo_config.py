@@ -84,8 +84,11 @@ class ScheduleOptions:
 
     # full (every step) | window (MixGRPO) | tree (BranchGRPO / TempFlow-GRPO)
     kind: str = "full"
-    # train on a random fraction of each row's stochastic steps (DanceGRPO 0.6)
+    # train on a fraction of each row's stochastic steps (DanceGRPO 0.6, flow_grpo 0.99)
     timestep_fraction: float = 1.0
+    # which steps that fraction keeps: random (DanceGRPO: a random subset per row, round(N * f)) |
+    # first (flow_grpo: the first int(N * f) steps of the trajectory, in sampling order)
+    timestep_selection: str = "random"
     # kind: window
     window: WindowOptions = field(default_factory=WindowOptions)
     # kind: tree
@@ -226,6 +229,7 @@ def _validate_schedule(c: GRPOConfig) -> None:
     sch, n = c.schedule, c.sampler.num_steps
     check(sch.kind in SCHEDULE_KINDS, "schedule.kind", "must be full, window or tree")
     check(0 < sch.timestep_fraction <= 1, "schedule.timestep_fraction", "must be in (0, 1]")
+    check(sch.timestep_selection in ("random", "first"), "schedule.timestep_selection", "must be random or first")
     if sch.kind == "window":
         w = sch.window
         check(1 <= w.size <= n, "schedule.window.size",

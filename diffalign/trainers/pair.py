@@ -27,6 +27,7 @@ from ..logging import is_quiet
 from ..losses import per_sample_mse
 from ..losses.methods import OfflineMethod, PairMSEs, offline_method
 from ..models import cat_cond
+from ..optim_step import guarded_step
 from .checkpoint import Checkpointer
 from .common import (
     MetricsLogger, Timer, build_trainable, make_optimizer, mean_across_processes, rank_generator,
@@ -209,22 +210,11 @@ class PairRecipe:
         return pair_loss(self.cfg, *mses, self.adapter.num_train_timesteps, batch=batch)
 
     def _optimizer_step(self, loss: torch.Tensor):
-        """Backward, clip and step unless the loss (on any rank) or the gradient norm is NaN/inf:
-        then no backward (or no step) and the update counts as skipped. Returns (stepped, grad_norm)."""
-        accelerator = self.accelerator
-        finite = accelerator.reduce(torch.isfinite(loss.detach()).float().reshape(1), reduction="mean").item() == 1.0
-        if finite:
-            accelerator.backward(loss)
-        grad_norm = None
-        if accelerator.sync_gradients and finite:
-            grad_norm = accelerator.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
-            if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
-                finite = False
-        if finite:
-            self.optimizer.step()
-            self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return finite, grad_norm
+        """The shared guarded step (:mod:`diffalign.optim_step`): no backward on a NaN/inf loss (on
+        any rank), no step on a NaN/inf gradient norm. Returns (stepped, grad_norm)."""
+        res = guarded_step(self.accelerator, loss, self.params, self.optimizer, self.lr_scheduler,
+                           self.cfg.optim.max_grad_norm)
+        return not res.skipped, res.grad_norm
 
     def _count_nonfinite(self, skipped_update: bool) -> None:
         self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped_update else 0
