@@ -50,6 +50,10 @@ case "$(diffalign recipes --path sd15-dpo)" in
   "$WORK/venv/"*/diffalign/configs/recipes/sd15_dpo_pickapic.yaml) ;;
   *) echo "wheel check: recipe sd15-dpo does not resolve inside the wheel's venv" >&2; exit 1 ;;
 esac
+step "diffalign train sd15-dpo (the real recipe by name, on the tiny model: one step, 32 px, no bf16)"
+diffalign train sd15-dpo model=M data=D output_dir=R max_steps=1 gradient_accumulation_steps=1 \
+  mixed_precision=no data_opts.resolution=32 data_opts.streaming=false optim.warmup_steps=0
+test -s R/unet/diffusion_pytorch_model.safetensors
 
 step "diffalign testbed-compare --budget quick"
 diffalign testbed-compare --budget quick --out T

@@ -183,6 +183,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in _YAML11_BOOLS:  # kept as text by parse_overrides
+            return _YAML11_BOOLS[value.lower()]
         raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -225,8 +227,14 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# YAML 1.1 reads these words as booleans; on the command line they are kept as text, so that
+# `mixed_precision=no` sets the string "no" (a bool field still accepts them)
+_YAML11_BOOLS = {"yes": True, "no": False, "on": True, "off": False, "y": True, "n": False}
+
+
 def parse_overrides(overrides: list[str]) -> dict:
-    """``["a.b=1", "model=x"]`` -> nested dict; values parsed as YAML scalars."""
+    """``["a.b=1", "model=x"]`` -> nested dict; values parsed as YAML scalars (except the YAML 1.1
+    words yes/no/on/off/y/n, kept as text: a string field gets the word, a bool field its value)."""
     out: dict = {}
     for item in overrides:
         if "=" not in item:
@@ -236,7 +244,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         if not key or any(not p for p in key.split(".")):
             raise ConfigError(f"override '{item}' has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = raw.strip() if raw.strip().lower() in _YAML11_BOOLS else (yaml.safe_load(raw) if raw != "" else "")
         except yaml.YAMLError:
             value = raw
         node = out

@@ -52,3 +52,15 @@ def test_real_recipes_parse():
     for path in paths:
         cfg = load_config(path)
         assert cfg.max_steps > 0
+
+
+def test_yaml11_words_on_the_command_line():
+    """`mixed_precision=no` is the string "no" (YAML 1.1 would make it False); bool fields still read yes/no."""
+    from diffalign.config import load_config
+
+    cfg = load_config(ROOT / "diffalign/configs/tiny/dpo.yaml", ["mixed_precision=no", "model=m", "data=d"])
+    assert cfg.mixed_precision == "no"
+    cfg = load_config(ROOT / "diffalign/configs/tiny/dpo.yaml", ["model=m", "data=d", "data_opts.random_flip=no"])
+    assert cfg.data_opts.random_flip is False
+    cfg = load_config(ROOT / "diffalign/configs/tiny/dpo.yaml", ["model=m", "data=d", "data_opts.random_flip=on"])
+    assert cfg.data_opts.random_flip is True
