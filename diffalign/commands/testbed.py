@@ -30,8 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("testbed-base", help="train (or show the cached) testbed base model")
     p.add_argument("--budget", choices=list(BUDGETS), default="full",
-                   help="full: the UNet base; full_flow: the flow-matching (SD3-layout) base; flow_pre/flow_long: the "
-                        "stages before/after it; quick*: seconds-long smoke versions")
+                   help="full: the UNet base; flow_long: the flow-matching (SD3-layout) base, trained in three stages "
+                        "(flow_pre, full_flow, flow_long); quick*: seconds-long smoke versions")
     p.add_argument("--force", action="store_true", help="retrain even if shipped or cached")
     p.add_argument("--out", default=None, help="train into this directory (default: the cache)")
     p.set_defaults(func=cmd_testbed_base)

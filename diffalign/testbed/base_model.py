@@ -112,10 +112,10 @@ BUDGETS["full_flow"] = replace(BUDGETS["flow_pre"], init_from="flow_pre", steps=
 # text encoders frozen (a third of the step time)
 BUDGETS["flow_long"] = replace(BUDGETS["full_flow"], init_from="full_flow", steps=8000, train_text_encoder=False, seed=2)
 
-#: The trained ``full`` / ``full_flow`` bases, shipped with the package (reproduce one with
+#: The trained ``full`` (UNet) / ``flow_long`` (flow MMDiT) bases, shipped with the package (reproduce one with
 #: ``diffalign testbed-base --budget full --force --out diffalign/testbed/assets/base``).
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
-SHIPPED_DIRS: dict[str, Path] = {"full": ASSETS_DIR / "base", "full_flow": ASSETS_DIR / "base_flow"}
+SHIPPED_DIRS: dict[str, Path] = {"full": ASSETS_DIR / "base", "flow_long": ASSETS_DIR / "base_flow"}
 SHIPPED_DIR = SHIPPED_DIRS["full"]
 
 
