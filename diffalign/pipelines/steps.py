@@ -14,8 +14,10 @@ works on every family; for SD3 the change of variables is the identity. With noi
 stochastic kind reduces to the deterministic DDIM / flow-Euler step (:class:`EulerODE`).
 
 The log-prob of a transition is :func:`diffalign.losses.grpo.gaussian_log_prob` (see its
-module docstring for the reduction over latent elements); rollout and training call the same
-``StepKind.log_prob`` path, so recorded and recomputed log-probs agree to float rounding.
+module docstring for the reduction over latent elements); the rollout records it through
+:meth:`StepKind.sample` and training recomputes it through :meth:`StepKind.log_prob_and_moments`,
+both one ``gaussian_log_prob(x_next, kind.mean(...), kind.std(co))``, so recorded and recomputed
+log-probs agree to float rounding.
 """
 
 from __future__ import annotations
@@ -102,10 +104,16 @@ class StepKind:
 
     def log_prob(self, x_next, x, x0, eps, co: StepCoeffs, reduction: str = "mean") -> torch.Tensor:
         """Pure: log N(x_next; mean(x, x0, eps), std^2), reduced over latent elements -> [B]."""
-        return gaussian_log_prob(x_next, self.mean(x, x0, eps, co), self.std(co), reduction)
+        return self.log_prob_and_moments(x_next, x, x0, eps, co, reduction)[0]
+
+    def log_prob_and_moments(self, x_next, x, x0, eps, co: StepCoeffs, reduction: str = "mean"):
+        """:meth:`log_prob` with the step's ``mean`` and ``std`` it used: ``(log_prob, mean, std)``
+        (training needs them for the KL and RatioNorm). The trainer's recomputation path."""
+        mean, std = self.mean(x, x0, eps, co), self.std(co)
+        return gaussian_log_prob(x_next, mean, std, reduction), mean, std
 
     def sample(self, x, x0, eps, co: StepCoeffs, noise: torch.Tensor, reduction: str = "mean"):
-        """``x_next = mean + std * noise``; returns ``(x_next, log_prob, mean, std)``."""
+        """``x_next = mean + std * noise``; returns ``(x_next, log_prob, mean, std)``. The rollout's path."""
         mean, std = self.mean(x, x0, eps, co), self.std(co)
         x_next = mean + per_row(std, mean) * noise.to(mean)
         return x_next, gaussian_log_prob(x_next, mean, std, reduction), mean, std
