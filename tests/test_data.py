@@ -29,6 +29,15 @@ def test_toy_data_has_pickapic_schema_and_ties(tmp_path):
     Image.open(io.BytesIO(table.column("jpg_1")[0].as_py())).verify()
 
 
+def test_one_schema_for_training_and_reward_tools():
+    from diffalign.data import schema
+    from diffalign.rewards import pairs
+
+    # the loader's minimum is a subset of what the reward tools read; both come from data/schema.py
+    assert set(schema.REQUIRED_COLUMNS) < set(schema.PAIR_COLUMNS) <= set(PICKAPIC_SCHEMA_TYPES)
+    assert pairs.check_columns.__defaults__ == (schema.PAIR_COLUMNS,)
+
+
 def test_chosen_first_ties_dropped_and_counted(toy_pairs):
     opts = DataOptions(resolution=32, random_flip=False)
     ds = load_preference_dataset(toy_pairs, opts)

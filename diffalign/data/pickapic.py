@@ -1,8 +1,7 @@
 """Pick-a-Pic-schema preference pairs: loading, filtering, transforms, per-rank streaming.
 
-Schema (Pick-a-Pic v2, ``yuvalkirstain/pickapic_v2``): ``caption`` (str), ``jpg_0`` / ``jpg_1``
-(JPEG bytes), ``label_0`` / ``label_1`` (1/0, 0/1, or 0.5/0.5 for a tie), ``has_label``,
-``are_different``, plus ids we carry but do not need. Sources: a hub id (``datasets`` downloads
+Schema: :mod:`diffalign.data.schema` (Pick-a-Pic v2; :data:`~diffalign.data.schema.REQUIRED_COLUMNS`
+are checked on load). Sources: a hub id (``datasets`` downloads
 or streams it), a local dataset dir, a parquet file, a directory of parquet files, or a glob.
 
 Rows are yielded chosen-first: when ``label_0 < label_1`` the two images are swapped. Rows that
@@ -26,8 +25,7 @@ import torch
 
 from ..errors import UserError
 from .batches import PairBatch
-
-REQUIRED_COLUMNS = ("jpg_0", "jpg_1", "label_0")
+from .schema import REQUIRED_COLUMNS
 
 
 def parquet_files(source: str) -> list[str] | None:
