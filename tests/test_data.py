@@ -138,3 +138,21 @@ def test_flip_applies_to_both_images_of_a_pair(tmp_path):
         assert w_left == l_left
         flips.append(bool(w_left))
     assert 0 < sum(flips) < 16  # both orientations occur
+
+
+def test_one_image_decoder_for_data_rewards_and_testbed():
+    from PIL import Image
+
+    from diffalign.data.pickapic import decode_image as data_decode
+    from diffalign.rewards import decode_image_bytes
+    from diffalign.testbed.world import decode_image as testbed_decode
+
+    buf = io.BytesIO()
+    Image.new("RGBA", (4, 4), (255, 0, 0, 0)).save(buf, format="PNG")  # fully transparent red
+    png = buf.getvalue()
+    assert np.asarray(data_decode(png)).min() == 255  # composited onto white, everywhere
+    assert float(decode_image_bytes(png).min()) == 1.0
+    assert testbed_decode(png).min() == 255
+    for decode in (data_decode, decode_image_bytes, testbed_decode):
+        with pytest.raises(ValueError, match="cannot decode image bytes"):
+            decode(b"not an image")

@@ -13,7 +13,6 @@ previous one, so the trainer can log ``skipped_rows`` even with dataloader worke
 from __future__ import annotations
 
 import glob
-import io
 import math
 import random
 from collections import Counter
@@ -24,6 +23,8 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..files import decode_image as decode_image_bytes
+from ..files import rgb_image
 from .batches import PairBatch
 from .schema import REQUIRED_COLUMNS
 
@@ -85,24 +86,20 @@ def _to_bytes(value: Any) -> bytes | None:
 
 
 def decode_image(value: Any):
-    """JPEG/PNG bytes (or a datasets Image dict, or a PIL image) -> RGB PIL image, else raises."""
+    """JPEG/PNG bytes (or a datasets Image dict, or a PIL image) -> RGB PIL image
+    (:func:`diffalign.files.decode_image`), else raises ``ValueError``; images under 2x2 are refused."""
     from PIL import Image
 
     if isinstance(value, Image.Image):
-        img = value
+        img = rgb_image(value)
     else:
         raw = _to_bytes(value)
         if raw is None:
             raise ValueError(f"not image bytes ({type(value).__name__})")
-        img = Image.open(io.BytesIO(raw))
-        img.load()  # force decoding now so truncated files fail here, not later
+        img = decode_image_bytes(raw)
     if img.width < 2 or img.height < 2:
         raise ValueError(f"image too small ({img.width}x{img.height})")
-    if img.mode == "RGBA" or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)
-    return img.convert("RGB")
+    return img
 
 
 def _label(value: Any) -> float | None:
