@@ -40,3 +40,32 @@ def jpeg_bytes(arr, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def rgb_image(img):
+    """A PIL image as RGB; transparent pixels (RGBA, or a palette with transparency) are composited
+    onto white rather than dropping alpha (which would show whatever colour they happen to hold)."""
+    from PIL import Image
+
+    if img.mode == "RGBA" or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes):
+    """Encoded image bytes (JPEG, PNG, WebP, ...) -> RGB PIL image (:func:`rgb_image`), decoded now
+    so a truncated file fails here rather than later. The one image decoder of the package's data
+    readers (the inverse of :func:`jpeg_bytes`); raises ``ValueError`` with a one-line reason."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return rgb_image(img)
+    except UnidentifiedImageError:  # its message is only the repr of our BytesIO buffer
+        raise ValueError(f"cannot decode image bytes ({len(data)} bytes): not a known image format") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot decode image bytes ({len(data)} bytes): {e}") from None

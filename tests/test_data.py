@@ -29,6 +29,15 @@ def test_toy_data_has_pickapic_schema_and_ties(tmp_path):
     Image.open(io.BytesIO(table.column("jpg_1")[0].as_py())).verify()
 
 
+def test_one_schema_for_training_and_reward_tools():
+    from diffalign.data import schema
+    from diffalign.rewards import pairs
+
+    # the loader's minimum is a subset of what the reward tools read; both come from data/schema.py
+    assert set(schema.REQUIRED_COLUMNS) < set(schema.PAIR_COLUMNS) <= set(PICKAPIC_SCHEMA_TYPES)
+    assert pairs.check_columns.__defaults__ == (schema.PAIR_COLUMNS,)
+
+
 def test_chosen_first_ties_dropped_and_counted(toy_pairs):
     opts = DataOptions(resolution=32, random_flip=False)
     ds = load_preference_dataset(toy_pairs, opts)
@@ -129,3 +138,21 @@ def test_flip_applies_to_both_images_of_a_pair(tmp_path):
         assert w_left == l_left
         flips.append(bool(w_left))
     assert 0 < sum(flips) < 16  # both orientations occur
+
+
+def test_one_image_decoder_for_data_rewards_and_testbed():
+    from PIL import Image
+
+    from diffalign.data.pickapic import decode_image as data_decode
+    from diffalign.rewards import decode_image_bytes
+    from diffalign.testbed.world import decode_image as testbed_decode
+
+    buf = io.BytesIO()
+    Image.new("RGBA", (4, 4), (255, 0, 0, 0)).save(buf, format="PNG")  # fully transparent red
+    png = buf.getvalue()
+    assert np.asarray(data_decode(png)).min() == 255  # composited onto white, everywhere
+    assert float(decode_image_bytes(png).min()) == 1.0
+    assert testbed_decode(png).min() == 255
+    for decode in (data_decode, decode_image_bytes, testbed_decode):
+        with pytest.raises(ValueError, match="cannot decode image bytes"):
+            decode(b"not an image")

@@ -18,10 +18,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "diffalign"
 #   config   - typed configs (dataclasses, YAML + overrides)
 #   recipes  - packaged configs read by config.load_yaml
 #   optim_step - the guarded optimizer step every training loop shares (torch only)
+#   tensors  - tensor helpers models, losses and pipelines share (per_row broadcasting; torch only)
 #   diffalign (the package __init__, empty)
 LAYERS: list[set[str]] = [
     {"diffalign", "diffalign.errors", "diffalign.files", "diffalign.logging", "diffalign.config", "diffalign.recipes",
-     "diffalign.optim_step"},
+     "diffalign.optim_step", "diffalign.tensors"},
     {"diffalign.models", "diffalign.losses", "diffalign.pipelines"},
     {"diffalign.data", "diffalign.rewards"},
     {"diffalign.trainers"},

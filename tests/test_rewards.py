@@ -108,6 +108,30 @@ def test_to_image_tensor_conversions(tmp_path):
         to_image_tensor(torch.rand(1, 3, 4, 4) * 2 - 1.0 - 0.6)  # [-1,1]-style input is refused
 
 
+def test_plugin_rewards_register_through_entry_points(monkeypatch):
+    """The rewards layer names no higher module: the testbed registers its rewards through the
+    ``diffalign.rewards`` entry point declared in pyproject.toml, loaded on the first lookup."""
+    import tomllib
+    from importlib import metadata
+    from pathlib import Path
+
+    from diffalign.rewards import registry
+
+    assert not [m for m in registry.PLUGIN_MODULES if not m.startswith("diffalign.rewards.")]
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    declared = pyproject["project"]["entry-points"][registry.ENTRY_POINT_GROUP]
+    assert declared == {"testbed": "diffalign.testbed.registry:auto_register"}
+
+    calls = []
+    fake = metadata.EntryPoint("fake", f"{__name__}:_fake_plugin", registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(metadata, "entry_points", lambda group: [fake] if group == registry.ENTRY_POINT_GROUP else [])
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.setitem(globals(), "_fake_plugin", lambda: calls.append("registered"))
+    registry.list_rewards()
+    registry.list_rewards()
+    assert calls == ["registered"]  # loaded once, on demand
+
+
 def test_registry_custom_reward_and_errors():
     def factory(path=None, **kw):
         return FunctionReward(lambda im, p, m: im.mean(dim=(1, 2, 3)) * (2.0 if path else 1.0), "test_brightness", **kw)

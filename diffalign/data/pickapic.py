@@ -1,8 +1,7 @@
 """Pick-a-Pic-schema preference pairs: loading, filtering, transforms, per-rank streaming.
 
-Schema (Pick-a-Pic v2, ``yuvalkirstain/pickapic_v2``): ``caption`` (str), ``jpg_0`` / ``jpg_1``
-(JPEG bytes), ``label_0`` / ``label_1`` (1/0, 0/1, or 0.5/0.5 for a tie), ``has_label``,
-``are_different``, plus ids we carry but do not need. Sources: a hub id (``datasets`` downloads
+Schema: :mod:`diffalign.data.schema` (Pick-a-Pic v2; :data:`~diffalign.data.schema.REQUIRED_COLUMNS`
+are checked on load). Sources: a hub id (``datasets`` downloads
 or streams it), a local dataset dir, a parquet file, a directory of parquet files, or a glob.
 
 Rows are yielded chosen-first: when ``label_0 < label_1`` the two images are swapped. Rows that
@@ -14,7 +13,6 @@ previous one, so the trainer can log ``skipped_rows`` even with dataloader worke
 from __future__ import annotations
 
 import glob
-import io
 import math
 import random
 from collections import Counter
@@ -25,9 +23,10 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..files import decode_image as decode_image_bytes
+from ..files import rgb_image
 from .batches import PairBatch
-
-REQUIRED_COLUMNS = ("jpg_0", "jpg_1", "label_0")
+from .schema import REQUIRED_COLUMNS
 
 
 def parquet_files(source: str) -> list[str] | None:
@@ -87,24 +86,20 @@ def _to_bytes(value: Any) -> bytes | None:
 
 
 def decode_image(value: Any):
-    """JPEG/PNG bytes (or a datasets Image dict, or a PIL image) -> RGB PIL image, else raises."""
+    """JPEG/PNG bytes (or a datasets Image dict, or a PIL image) -> RGB PIL image
+    (:func:`diffalign.files.decode_image`), else raises ``ValueError``; images under 2x2 are refused."""
     from PIL import Image
 
     if isinstance(value, Image.Image):
-        img = value
+        img = rgb_image(value)
     else:
         raw = _to_bytes(value)
         if raw is None:
             raise ValueError(f"not image bytes ({type(value).__name__})")
-        img = Image.open(io.BytesIO(raw))
-        img.load()  # force decoding now so truncated files fail here, not later
+        img = decode_image_bytes(raw)
     if img.width < 2 or img.height < 2:
         raise ValueError(f"image too small ({img.width}x{img.height})")
-    if img.mode == "RGBA" or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)
-    return img.convert("RGB")
+    return img
 
 
 def _label(value: Any) -> float | None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import jpeg_bytes  # noqa: F401  (re-exported: data writers import it from here)
+from .schema import PICKAPIC_SCHEMA_TYPES  # noqa: F401  (re-exported)
 
 SUBJECTS = ["a cat", "a dog", "a house", "a tree", "a car", "a boat", "a flower", "a mountain"]
 STYLES = ["at sunset", "in watercolor", "at noon", "in the snow", "as a sketch", "on a beach"]
@@ -71,14 +72,6 @@ def make_toy_pickapic_rows(n: int, size: int = 64, seed: int = 0, tie_fraction: 
         cols["image_0_uid"].append(uid0)
         cols["image_1_uid"].append(uid1)
     return cols
-
-
-PICKAPIC_SCHEMA_TYPES = {
-    "caption": "string", "jpg_0": "binary", "jpg_1": "binary", "label_0": "float64", "label_1": "float64",
-    "has_label": "bool_", "are_different": "bool_", "model_0": "string", "model_1": "string",
-    "ranking_id": "int64", "user_id": "int64", "best_image_uid": "string", "image_0_uid": "string",
-    "image_1_uid": "string",
-}
 
 
 def pickapic_table(cols: dict[str, list]):

@@ -41,9 +41,10 @@ from ..errors import UserError
 from ..losses.methods import DataVariant
 from .batches import PairBatch, UnpairedBatch
 from .pickapic import (
-    REQUIRED_COLUMNS, PreferencePairStream, classify_row, column_names, decode_image,
+    PreferencePairStream, classify_row, column_names, decode_image,
     load_preference_dataset, load_raw_dataset, pair_dataloader,
 )
+from .schema import REQUIRED_COLUMNS
 
 PERTURBATIONS = ("drop", "shuffle", "drop_shuffle")
 

@@ -22,18 +22,10 @@ import math
 
 import torch
 
+from ..tensors import per_row
+
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 REDUCTIONS = ("mean", "sum")
-
-
-def _per_row(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
-    """A scalar or [B] tensor -> broadcastable against ``like`` [B, ...] (fp32)."""
-    t = torch.as_tensor(t, dtype=torch.float32, device=like.device)
-    if t.ndim == 0:
-        return t
-    if t.ndim == 1:
-        return t.view(-1, *([1] * (like.ndim - 1)))
-    return t.float()
 
 
 def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -52,7 +44,7 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | f
     (default) or sum over every non-batch dimension. ``std`` is a scalar, a per-sample [B]
     tensor, or a tensor broadcastable to ``x``.
     """
-    std = _per_row(std, x)
+    std = per_row(std, x)
     diff = x.float() - mean.float()
     elem = -(diff**2) / (2 * std**2) - torch.log(std) - LOG_SQRT_2PI
     return _reduce(elem.expand_as(diff), reduction)
@@ -65,7 +57,7 @@ def gaussian_kl_same_std(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.
     schedule's ``std``, so the KL depends on the means only. Same ``reduction`` convention as
     :func:`gaussian_log_prob` (``mean``: averaged over latent elements). Zero when model == reference.
     """
-    std = _per_row(std, mean)
+    std = per_row(std, mean)
     return _reduce(((mean.float() - mean_ref.float()) ** 2) / (2 * std**2), reduction)
 
 

@@ -117,6 +117,12 @@ def _options_of(cls: type, options: Any) -> Any:
     return cls(**{f.name: getattr(options, f.name) for f in dataclasses.fields(cls)})
 
 
+# How the x_t of a method are made (its ``noising``; ``loss.noising`` overrides it): forward
+# noising with a random draw, or InPO's DDIM/Euler inversion of the reference
+# (:mod:`diffalign.trainers.inversion`).
+NOISING_MODES = ("random", "ddim_inversion")
+
+
 # ------------------------------------------------------------------------------ methods
 class OfflineMethod:
     """Base class of the offline methods (see the module docstring for the attributes)."""
@@ -128,7 +134,7 @@ class OfflineMethod:
     needs_reference: ClassVar[bool] = True
     variant: ClassVar[DataVariant] = DataVariant.PAIRS
     Options: ClassVar[type] = LossOptions
-    noising: ClassVar[str] = "random"
+    noising: ClassVar[str] = "random"  # one of NOISING_MODES
     cacheable: ClassVar[bool] = True
     cached_reference: ClassVar[bool] = False
 
@@ -295,6 +301,6 @@ class InPO(DPO):
 
 __all__ = [
     "CoPG", "CoPGOptions", "DCPO", "DPO", "DataVariant", "IPO", "IPOOptions", "InPO", "KTO", "KTOOptions", "LossOptions",
-    "MaPO", "MaPOOptions", "OFFLINE_METHODS", "OfflineMethod", "PairMSEs", "SFT", "TPO", "TPOOptions", "TPOUnpaired",
+    "MaPO", "MaPOOptions", "NOISING_MODES", "OFFLINE_METHODS", "OfflineMethod", "PairMSEs", "SFT", "TPO", "TPOOptions", "TPOUnpaired",
     "offline_method", "register",
 ]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..tensors import per_row
+
 from .base import DiffusionAdapter, Predict, SamplingSchedule
 
 
@@ -56,7 +58,7 @@ class FlowMatchAdapter(DiffusionAdapter):
         return timesteps.float() / self.num_train_timesteps
 
     def noisy_input_and_target(self, latents, noise, timesteps):
-        s = self.sigma(timesteps).to(latents.device).view(-1, *([1] * (latents.ndim - 1)))
+        s = per_row(self.sigma(timesteps), latents)
         return (1.0 - s) * latents + s * noise, noise - latents
 
     # ----------------------------------------------------------------------- sampling
@@ -84,10 +86,10 @@ class FlowMatchAdapter(DiffusionAdapter):
     def invert(self, predict: Predict, latents, timesteps, steps: int):
         """Euler steps of the probability-flow ODE on ``s_k = k sigma_t / K``; target
         ``v = (x_t - x0) / sigma_t``, the velocity of the straight path through the inverted point."""
-        from .inversion import bcast, flow_invert
+        from .inversion import flow_invert
 
         T = self.num_train_timesteps
         sigmas = self.sigma(timesteps).to(latents.device)
         x_t = flow_invert(lambda x, s: predict(x, s * T), latents, sigmas, steps)
-        target = (x_t - latents.float()) / bcast(sigmas.clamp_min(1e-6), x_t)
+        target = (x_t - latents.float()) / per_row(sigmas.clamp_min(1e-6), x_t)
         return x_t, target

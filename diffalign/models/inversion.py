@@ -20,15 +20,12 @@ from typing import Callable
 
 import torch
 
-
-def bcast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A per-sample vector [B] as fp32 on ``like``'s device, shaped to broadcast over ``like`` [B, ...]."""
-    return x.to(like.device, torch.float32).view(-1, *([1] * (like.ndim - 1)))
+from ..tensors import per_row
 
 
 def ddim_inversion_step(x: torch.Tensor, eps: torch.Tensor, a_from: torch.Tensor, a_to: torch.Tensor) -> torch.Tensor:
     """One deterministic DDIM step from cumulative alpha ``a_from`` to ``a_to`` (per sample, [B])."""
-    a_from, a_to = bcast(a_from, x), bcast(a_to, x)
+    a_from, a_to = per_row(a_from, x), per_row(a_to, x)
     x0_pred = (x - (1.0 - a_from).sqrt() * eps) / a_from.sqrt()
     return a_to.sqrt() * x0_pred + (1.0 - a_to).sqrt() * eps
 
@@ -68,7 +65,7 @@ def ddim_invert(
 
 def implied_eps(x_t: torch.Tensor, x0: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
     """The noise ``eps`` with ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps``."""
-    a = bcast(a_t, x_t)
+    a = per_row(a_t, x_t)
     return (x_t.float() - a.sqrt() * x0.float()) / (1.0 - a).sqrt().clamp_min(1e-8)
 
 
@@ -88,8 +85,8 @@ def flow_invert(
     x = x0.float()
     for k in range(steps):
         s_k, s_next = s_t * k / steps, s_t * (k + 1) / steps
-        x = x + bcast(s_next - s_k, x) * predict_v(x, s_k).float()
+        x = x + per_row(s_next - s_k, x) * predict_v(x, s_k).float()
     return x
 
 
-__all__ = ["bcast", "ddim_inversion_step", "ddim_invert", "flow_invert", "implied_eps", "inversion_grid"]
+__all__ = ["ddim_inversion_step", "ddim_invert", "flow_invert", "implied_eps", "inversion_grid"]

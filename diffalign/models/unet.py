@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from ..tensors import per_row
+
 from .base import Cond, DiffusionAdapter, Predict, SamplingSchedule
 
 
@@ -90,7 +92,7 @@ class UNetAdapter(DiffusionAdapter):
     def invert(self, predict: Predict, latents, timesteps, steps: int):
         """eta = 0 DDIM inversion on the integer grid ``round(k t / K)`` (v-prediction converted to eps);
         target: the implied eps, or for v-prediction ``v = sqrt(a_t) eps - sqrt(1 - a_t) x0``."""
-        from .inversion import bcast, ddim_invert, implied_eps
+        from .inversion import ddim_invert, implied_eps
 
         ac = self.alphas_cumprod.float().cpu()
         ptype = self.prediction_type
@@ -101,7 +103,7 @@ class UNetAdapter(DiffusionAdapter):
             out = predict(x, s).float()
             if ptype == "epsilon":
                 return out
-            a = bcast(ac[s.cpu()], x)
+            a = per_row(ac[s.cpu()], x)
             return a.sqrt() * out + (1.0 - a).sqrt() * x  # v -> eps
 
         x_t = ddim_invert(predict_eps, latents, timesteps, ac, steps)
@@ -109,7 +111,7 @@ class UNetAdapter(DiffusionAdapter):
         eps = implied_eps(x_t, latents, a_t)
         if ptype == "epsilon":
             return x_t, eps
-        a = bcast(a_t, x_t)
+        a = per_row(a_t, x_t)
         return x_t, a.sqrt() * eps - (1.0 - a).sqrt() * latents.float()
 
 

@@ -12,8 +12,9 @@ solver (:mod:`.steps`) over a batch of rows and returns a :class:`Rollout`:
   each leaf descends from; without branching there is one depth and ``ancestors[0] = arange(L)``.
 
 Classifier-free guidance is batched: :class:`GuidedModel` runs cond and uncond rows in one
-forward. The trainer recomputes log-probs with the same :class:`GuidedModel` and
-``StepKind.log_prob``, so on-policy log-probs match the recorded ones.
+forward. Transitions are drawn and scored by ``StepKind.sample``; the trainer recomputes
+log-probs with the same :class:`GuidedModel` and ``StepKind.log_prob_and_moments`` (the same
+mean, std and Gaussian log-prob), so on-policy log-probs match the recorded ones.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models.base import Cond, cat_cond, index_cond, repeat_cond
-from ..losses.grpo import gaussian_log_prob
 from .schedules import RolloutPlan, SamplingTable
 from .steps import EulerODE, ODESolver, StepKind, split_prediction
 
@@ -135,9 +135,7 @@ def rollout(
         std = kind.std(co)
         if plan.stochastic[i] and bool((std > 0).all()):
             z = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device)
-            mean = kind.mean(x, x0, eps, co)
-            x_next = mean + std.view(-1, *([1] * (x.ndim - 1))) * z
-            log_prob = gaussian_log_prob(x_next, mean, std, reduction)
+            x_next, log_prob, mean, std = kind.sample(x, x0, eps, co, z, reduction)
             depth = len(node_at) - 1
             for key, v in (("x", x), ("x_next", x_next), ("mean", mean), ("log_prob", log_prob), ("std", std),
                            ("step", torch.full((n,), i, dtype=torch.long, device=device)), ("timestep", t.float()),

@@ -14,8 +14,10 @@ works on every family; for SD3 the change of variables is the identity. With noi
 stochastic kind reduces to the deterministic DDIM / flow-Euler step (:class:`EulerODE`).
 
 The log-prob of a transition is :func:`diffalign.losses.grpo.gaussian_log_prob` (see its
-module docstring for the reduction over latent elements); rollout and training call the same
-``StepKind.log_prob`` path, so recorded and recomputed log-probs agree to float rounding.
+module docstring for the reduction over latent elements); the rollout records it through
+:meth:`StepKind.sample` and training recomputes it through :meth:`StepKind.log_prob_and_moments`,
+both one ``gaussian_log_prob(x_next, kind.mean(...), kind.std(co))``, so recorded and recomputed
+log-probs agree to float rounding.
 """
 
 from __future__ import annotations
@@ -26,13 +28,9 @@ from dataclasses import dataclass, fields
 import torch
 
 from ..losses.grpo import gaussian_log_prob
+from ..tensors import per_row
 
 PARAMETRIZATIONS = ("epsilon", "v_prediction", "flow")
-
-
-def _col(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
-    t = torch.as_tensor(t, dtype=torch.float32, device=like.device)
-    return t.view(-1, *([1] * (like.ndim - 1))) if t.ndim == 1 else t
 
 
 @dataclass
@@ -77,7 +75,7 @@ def split_prediction(out: torch.Tensor, x: torch.Tensor, alpha, sigma, parametri
     * ``flow`` (velocity ``v = eps - x0``, ``alpha = 1 - sigma``): ``x0 = x - sigma v``, ``eps = x + alpha v``.
     """
     out, x = out.float(), x.float()
-    a, s = _col(alpha, x), _col(sigma, x)
+    a, s = per_row(alpha, x), per_row(sigma, x)
     if parametrization == "epsilon":
         return (x - s * out) / a, out
     if parametrization == "v_prediction":
@@ -106,12 +104,18 @@ class StepKind:
 
     def log_prob(self, x_next, x, x0, eps, co: StepCoeffs, reduction: str = "mean") -> torch.Tensor:
         """Pure: log N(x_next; mean(x, x0, eps), std^2), reduced over latent elements -> [B]."""
-        return gaussian_log_prob(x_next, self.mean(x, x0, eps, co), self.std(co), reduction)
+        return self.log_prob_and_moments(x_next, x, x0, eps, co, reduction)[0]
+
+    def log_prob_and_moments(self, x_next, x, x0, eps, co: StepCoeffs, reduction: str = "mean"):
+        """:meth:`log_prob` with the step's ``mean`` and ``std`` it used: ``(log_prob, mean, std)``
+        (training needs them for the KL and RatioNorm). The trainer's recomputation path."""
+        mean, std = self.mean(x, x0, eps, co), self.std(co)
+        return gaussian_log_prob(x_next, mean, std, reduction), mean, std
 
     def sample(self, x, x0, eps, co: StepCoeffs, noise: torch.Tensor, reduction: str = "mean"):
-        """``x_next = mean + std * noise``; returns ``(x_next, log_prob, mean, std)``."""
+        """``x_next = mean + std * noise``; returns ``(x_next, log_prob, mean, std)``. The rollout's path."""
         mean, std = self.mean(x, x0, eps, co), self.std(co)
-        x_next = mean + _col(std, mean) * noise.to(mean)
+        x_next = mean + per_row(std, mean) * noise.to(mean)
         return x_next, gaussian_log_prob(x_next, mean, std, reduction), mean, std
 
     def __repr__(self) -> str:
@@ -137,7 +141,7 @@ class DDIMStep(StepKind):
 
     def mean(self, x, x0, eps, co):
         std = self.std(co)
-        return _col(co.alpha_next, x0) * x0 + _col((co.sigma_next**2 - std**2).clamp_min(0.0).sqrt(), eps) * eps
+        return per_row(co.alpha_next, x0) * x0 + per_row((co.sigma_next**2 - std**2).clamp_min(0.0).sqrt(), eps) * eps
 
 
 class CPSStep(StepKind):
@@ -158,7 +162,7 @@ class CPSStep(StepKind):
         return co.sigma_next * math.sin(self.noise_level * math.pi / 2)
 
     def mean(self, x, x0, eps, co):
-        return _col(co.alpha_next, x0) * x0 + _col(co.sigma_next * math.cos(self.noise_level * math.pi / 2), eps) * eps
+        return per_row(co.alpha_next, x0) * x0 + per_row(co.sigma_next * math.cos(self.noise_level * math.pi / 2), eps) * eps
 
 
 class _FlowSpaceSDE(StepKind):
@@ -180,10 +184,10 @@ class _FlowSpaceSDE(StepKind):
 
     def mean(self, x, x0, eps, co):
         s, ds = co.s, co.s_next - co.s
-        y = x / _col(co.scale, x)
+        y = x / per_row(co.scale, x)
         g2 = self.g(co) ** 2
-        mean_y = y + _col(ds, y) * ((eps - x0) + _col(g2 / (2 * s), eps) * eps)
-        return _col(co.scale_next, mean_y) * mean_y
+        mean_y = y + per_row(ds, y) * ((eps - x0) + per_row(g2 / (2 * s), eps) * eps)
+        return per_row(co.scale_next, mean_y) * mean_y
 
 
 class FlowSDEStep(_FlowSpaceSDE):
@@ -247,7 +251,7 @@ class EulerODE(ODESolver):
 
     def step(self, x, x0, eps, co, state, predict_next=None):
         state.clear()
-        return _col(co.alpha_next, x0) * x0 + _col(co.sigma_next, eps) * eps
+        return per_row(co.alpha_next, x0) * x0 + per_row(co.sigma_next, eps) * eps
 
 
 class HeunODE(ODESolver):
@@ -259,14 +263,14 @@ class HeunODE(ODESolver):
 
     def step(self, x, x0, eps, co, state, predict_next=None):
         state.clear()
-        x_euler = _col(co.alpha_next, x0) * x0 + _col(co.sigma_next, eps) * eps
+        x_euler = per_row(co.alpha_next, x0) * x0 + per_row(co.sigma_next, eps) * eps
         if predict_next is None or bool((co.sigma_next <= 0).any()):
             return x_euler
         x0_n, eps_n = predict_next(x_euler)
-        y = x / _col(co.scale, x)
-        ds = _col(co.s_next - co.s, y)
+        y = x / per_row(co.scale, x)
+        ds = per_row(co.s_next - co.s, y)
         y_next = y + ds * 0.5 * ((eps - x0) + (eps_n - x0_n))
-        return _col(co.scale_next, y_next) * y_next
+        return per_row(co.scale_next, y_next) * y_next
 
 
 class DPMSolver2M(ODESolver):
@@ -283,7 +287,7 @@ class DPMSolver2M(ODESolver):
     name = "dpm2m"
 
     def step(self, x, x0, eps, co, state, predict_next=None):
-        x_euler = _col(co.alpha_next, x0) * x0 + _col(co.sigma_next, eps) * eps
+        x_euler = per_row(co.alpha_next, x0) * x0 + per_row(co.sigma_next, eps) * eps
         if bool((co.sigma_next <= 0).any()) or bool((co.alpha <= 0).any()):
             state.clear()
             state["x0"], state["h"] = x0, None
@@ -292,8 +296,8 @@ class DPMSolver2M(ODESolver):
         d = x0
         if state.get("x0") is not None and state.get("h") is not None:
             r = state["h"] / h
-            d = x0 + (x0 - state["x0"]) / _col(2 * r, x0)
-        x_next = _col(co.sigma_next / co.sigma, x) * x - _col(co.alpha_next * torch.expm1(-h), d) * d
+            d = x0 + (x0 - state["x0"]) / per_row(2 * r, x0)
+        x_next = per_row(co.sigma_next / co.sigma, x) * x - per_row(co.alpha_next * torch.expm1(-h), d) * d
         state["x0"], state["h"] = x0, h
         return x_next
 

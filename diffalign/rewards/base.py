@@ -22,7 +22,6 @@ micro-batches of ``batch_size`` images, and rewards that embed prompts keep a pe
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import threading
 from collections import OrderedDict
@@ -33,6 +32,8 @@ from typing import Any, Union
 
 import numpy as np
 import torch
+
+from ..files import decode_image, rgb_image
 
 ImageBatch = Union[torch.Tensor, list]  # [B,3,H,W] tensor, or a list of [3,H,W] when sizes differ
 
@@ -66,7 +67,8 @@ def default_device() -> torch.device:
 
 
 def pil_to_tensor(img) -> torch.Tensor:
-    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    """PIL image -> ``[3,H,W]`` float in [0,1]; transparency composited onto white (:func:`~diffalign.files.rgb_image`)."""
+    arr = np.asarray(rgb_image(img), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
@@ -95,17 +97,9 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
 
 
 def decode_image_bytes(data: bytes) -> torch.Tensor:
-    """Decode PNG/JPEG/... bytes as ``[3,H,W]`` float in [0,1]; raises ``ValueError`` if invalid."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return pil_to_tensor(img)
-    except UnidentifiedImageError:  # its message is only the repr of our BytesIO buffer
-        raise ValueError(f"cannot decode image bytes ({len(data)} bytes): not a known image format") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot decode image bytes ({len(data)} bytes): {e}") from None
+    """Decode PNG/JPEG/... bytes as ``[3,H,W]`` float in [0,1] (:func:`diffalign.files.decode_image`);
+    raises ``ValueError`` if invalid."""
+    return pil_to_tensor(decode_image(data))
 
 
 def _one_to_tensor(item: Any) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """Rewards on Pick-a-Pic-schema preference pairs: pairwise accuracy, AI relabelling
 (RLAIF-style), and margin filtering (FiFA-style).
 
-Schema (Pick-a-Pic v2): ``caption`` (str), ``jpg_0``/``jpg_1`` (JPEG bytes), ``label_0``/
-``label_1`` (float: 1/0, 0/1, or 0.5/0.5 for a tie), plus any other columns, which are carried
-through unchanged. Parquet is read in record batches, so memory stays bounded. Rows whose
+Schema (Pick-a-Pic v2, :mod:`diffalign.data.schema`): the :data:`~diffalign.data.schema.PAIR_COLUMNS`
+``caption``, ``jpg_0``/``jpg_1``, ``label_0``/``label_1`` are required; any other columns are
+carried through unchanged. Parquet is read in record batches, so memory stays bounded. Rows whose
 images do not decode are skipped and *counted* (with their row numbers) -- never silently lost.
 
 Tie convention for pairwise accuracy (following PickScore's evaluation, Kirstain et al. 2023,
@@ -24,10 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.schema import PAIR_COLUMNS
 from ..errors import UserError
 from .base import Reward, decode_image_bytes
-
-REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 
 
 def parquet_files(path: str | os.PathLike) -> list[Path]:
@@ -42,7 +41,7 @@ def parquet_files(path: str | os.PathLike) -> list[Path]:
     raise UserError(f"pairs file '{p}' does not exist")
 
 
-def check_columns(files: Sequence[Path], required: Sequence[str] = REQUIRED_COLUMNS) -> None:
+def check_columns(files: Sequence[Path], required: Sequence[str] = PAIR_COLUMNS) -> None:
     import pyarrow.parquet as pq
 
     for f in files:
@@ -83,7 +82,7 @@ def iter_pair_batches(path: str | os.PathLike, batch_rows: int = 64) -> Iterator
     start = 0
     for f in files:
         for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows):
-            cols = {c: batch.column(c).to_pylist() for c in REQUIRED_COLUMNS}
+            cols = {c: batch.column(c).to_pylist() for c in PAIR_COLUMNS}
             n = batch.num_rows
             ok = np.zeros(n, dtype=bool)
             caps, im0, im1, l0, l1, bad = [], [], [], [], [], []

@@ -37,9 +37,14 @@ def register_reward(name: str, factory: RewardFactory, *, description: str = "",
         _DESCRIPTIONS[name] = description or (inspect.getdoc(factory) or "").split("\n")[0]
 
 
-# Modules that register rewards when imported; imported on demand (an unknown name, or
-# list_rewards()) so that ``import diffalign.rewards`` stays light.
-PLUGIN_MODULES = ("diffalign.rewards.simple", "diffalign.testbed")
+# Rewards of this layer that register when imported, and the entry-point group through which
+# other packages, and higher layers of this one, register theirs: each entry point names a
+# callable that calls register_reward (pyproject.toml: ``testbed`` ->
+# ``diffalign.testbed.registry:auto_register``, so the rewards layer never imports the testbed).
+# Both are loaded on demand (an unknown name, or list_rewards()), so ``import diffalign.rewards``
+# stays light.
+PLUGIN_MODULES = ("diffalign.rewards.simple",)
+ENTRY_POINT_GROUP = "diffalign.rewards"
 _plugins_loaded = False
 
 
@@ -49,12 +54,16 @@ def _load_plugins() -> None:
         return
     _plugins_loaded = True
     import importlib
+    from importlib.metadata import entry_points
 
     for mod in PLUGIN_MODULES:
+        importlib.import_module(mod)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
-            importlib.import_module(mod)
-        except ImportError:  # optional: that part of the package is absent
-            pass
+            register = ep.load()
+        except ImportError:  # optional: that part of the package (or its dependencies) is absent
+            continue
+        register()
 
 
 def list_rewards() -> dict[str, str]:

@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..data.schema import PICKAPIC_SCHEMA_TYPES
 from .reward import PALETTE, TestbedReward, background_colour, make_output, parse_caption
 from .world import (
     STYLES,
@@ -51,36 +52,16 @@ from .world import (
 WARMTH_SCALE = 76.5  # R - B (0-255) at which warmth saturates (0.3 of the range)
 TARGET_STYLE_THRESHOLD = 0.5
 
-PICKAPIC_COLUMNS: tuple[str, ...] = (
-    "caption", "jpg_0", "jpg_1", "label_0", "label_1", "has_label", "are_different",
-    "model_0", "model_1", "ranking_id", "user_id", "best_image_uid", "image_0_uid", "image_1_uid",
-    "num_example_per_prompt",
-)
+# Pick-a-Pic v2 columns (diffalign.data.schema) plus the count of images sampled per prompt.
+PICKAPIC_COLUMNS: tuple[str, ...] = (*PICKAPIC_SCHEMA_TYPES, "num_example_per_prompt")
 
 
 def pickapic_schema():
     """The pyarrow schema of the pairs parquet (Pick-a-Pic v2 column names and dtypes)."""
     import pyarrow as pa
 
-    return pa.schema(
-        [
-            ("caption", pa.string()),
-            ("jpg_0", pa.binary()),
-            ("jpg_1", pa.binary()),
-            ("label_0", pa.float64()),
-            ("label_1", pa.float64()),
-            ("has_label", pa.bool_()),
-            ("are_different", pa.bool_()),
-            ("model_0", pa.string()),
-            ("model_1", pa.string()),
-            ("ranking_id", pa.int64()),
-            ("user_id", pa.int64()),
-            ("best_image_uid", pa.string()),
-            ("image_0_uid", pa.string()),
-            ("image_1_uid", pa.string()),
-            ("num_example_per_prompt", pa.int64()),
-        ]
-    )
+    return pa.schema([(name, getattr(pa, typ)()) for name, typ in PICKAPIC_SCHEMA_TYPES.items()]
+                     + [("num_example_per_prompt", pa.int64())])
 
 
 # ----------------------------------------------------------------------------- the taste

@@ -39,6 +39,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .. import files
+
 # ----------------------------------------------------------------------------- vocabulary
 
 #: The palette: name -> RGB. Minimum pairwise distance ~118, minimum distance to any
@@ -443,11 +445,8 @@ def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """``uint8`` HxWx3 array from encoded image bytes."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    """``uint8`` HxWx3 array from encoded image bytes (:func:`diffalign.files.decode_image`)."""
+    return np.asarray(files.decode_image(data), dtype=np.uint8)
 
 
 def to_uint8_batch(images) -> np.ndarray:

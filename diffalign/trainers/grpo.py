@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError, check
 from ..logging import is_quiet
-from ..losses.grpo import gaussian_kl_same_std, gaussian_log_prob, grpo_clip_loss, ratio_norm_log_ratio
+from ..losses.grpo import gaussian_kl_same_std, grpo_clip_loss, ratio_norm_log_ratio
 from ..pipelines import (
     GuidedModel, Rollout, RolloutPlan, cat_rollouts, full_plan, make_ode_solver, make_step_kind, rollout, sample, sampling_table,
     split_prediction, tree_plan, window_plan, window_start,
@@ -302,9 +302,9 @@ class GRPORecipe:
         ``(loss, metrics, log_prob)``."""
         lo, reduction = self.cfg.loss, self.cfg.sampler.logprob_reduction
         co = self.table.coeffs(batch.step)
-        mean = self._step_mean(model(batch.x, batch.timestep, batch.prompt, self.policy.wrapped), batch.x, co)
-        std = self.kind.std(co)
-        log_prob = gaussian_log_prob(batch.x_next, mean, std, reduction)
+        out = model(batch.x, batch.timestep, batch.prompt, self.policy.wrapped)
+        x0, eps = split_prediction(out, batch.x, co.alpha, co.sigma, self.table.parametrization)
+        log_prob, mean, std = self.kind.log_prob_and_moments(batch.x_next, batch.x, x0, eps, co, reduction)
         kl = None
         if lo.kl_beta > 0:
             with torch.no_grad():

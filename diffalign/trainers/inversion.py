@@ -36,8 +36,6 @@ import torch
 
 from ..models.inversion import ddim_inversion_step, ddim_invert, flow_invert, implied_eps, inversion_grid
 
-NOISING_MODES = ("random", "ddim_inversion")
-
 
 def _reference_predict(adapter, reference, cond):
     def predict(x, t):
@@ -58,6 +56,6 @@ def inverted_input_and_target(adapter, latents, timesteps, cond, steps: int, ref
 
 
 __all__ = [
-    "NOISING_MODES", "ddim_inversion_step", "ddim_invert", "flow_invert", "implied_eps",
+    "ddim_inversion_step", "ddim_invert", "flow_invert", "implied_eps",
     "inversion_grid", "inverted_input_and_target",
 ]

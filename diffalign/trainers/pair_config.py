@@ -13,10 +13,8 @@ from dataclasses import dataclass, field
 from ..config import BaseTrainConfig, check
 from ..data.variants import PERTURBATIONS, VariantDataOptions
 from ..losses.methods import (
-    DPO, OFFLINE_METHODS, CoPGOptions, IPOOptions, KTOOptions, MaPOOptions, OfflineMethod, TPOOptions, offline_method,
+    DPO, NOISING_MODES, OFFLINE_METHODS, CoPGOptions, IPOOptions, KTOOptions, MaPOOptions, OfflineMethod, TPOOptions, offline_method,
 )
-
-NOISING_MODES = ("random", "ddim_inversion")
 
 
 @dataclass
@@ -90,4 +88,4 @@ class PairTrainConfig(BaseTrainConfig):
             check(method.cached_reference, "loss.cached_reference", f"applies to {', '.join(supported)}")
 
 
-__all__ = ["NOISING_MODES", "PairLossOptions", "PairTrainConfig"]
+__all__ = ["PairLossOptions", "PairTrainConfig"]
