@@ -115,3 +115,13 @@ class _ScaledOptimizer:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
+
+
+def count_nonfinite(in_a_row: int, skipped: bool, limit: int, what: str, hint: str) -> int:
+    """The abort half of the NaN policy: the number of skipped steps in a row after this one
+    (0 after a step that ran); raises ``FloatingPointError`` once it reaches ``limit``, naming
+    ``what`` was skipped and ``hint`` (the likely causes in that loop)."""
+    in_a_row = in_a_row + 1 if skipped else 0
+    if in_a_row >= limit:
+        raise FloatingPointError(f"{in_a_row} {what} in a row had a NaN/inf loss or gradient; {hint}")
+    return in_a_row

@@ -100,3 +100,13 @@ def test_single_process_without_accelerate():
     assert skipped and norm is None and not _changed(net, before)
     skipped, norm = guarded_step(stepper, net(torch.ones(2, 3)).sum(), list(net.parameters()), stepper.optimizer, None, 0)
     assert not skipped and norm > 0 and _changed(net, before)
+
+
+def test_count_nonfinite_resets_and_aborts():
+    from diffalign.optim_step import count_nonfinite
+
+    n = count_nonfinite(0, True, 3, "steps", "hint")
+    n = count_nonfinite(n, True, 3, "steps", "hint")
+    assert n == 2 and count_nonfinite(n, False, 3, "steps", "hint") == 0  # a step that ran resets it
+    with pytest.raises(FloatingPointError, match="3 steps in a row .*; hint"):
+        count_nonfinite(n, True, 3, "steps", "hint")

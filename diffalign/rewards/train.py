@@ -153,7 +153,7 @@ def train_reward(cfg: RewardTrainConfig, log=print) -> dict:
 
     # The one guarded optimizer step of every loop. An upward edge (rewards -> trainers), kept
     # function-level: the reward trainer is a training loop that lives beside its CLI here.
-    from ..optim_step import SingleProcess, guarded_backward, guarded_step
+    from ..optim_step import SingleProcess, count_nonfinite, guarded_backward, guarded_step
     from .base import default_device
     from .clip import CLIPEmbedder
     from .weights import load_pretrained
@@ -239,10 +239,9 @@ def train_reward(cfg: RewardTrainConfig, log=print) -> dict:
         skipped, _ = guarded_step(stepper, backward, params, stepper.optimizer, sched, cfg.max_grad_norm)
         step_loss = sum(losses)
         skipped_total += int(skipped)
-        nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped else 0
-        if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-            raise FloatingPointError(f"train-reward: {nonfinite_in_a_row} steps in a row had a NaN/inf loss or gradient "
-                                     f"(step {step}, loss {step_loss}); try a lower learning_rate or mixed_precision=no/bf16")
+        nonfinite_in_a_row = count_nonfinite(nonfinite_in_a_row, skipped, cfg.max_nonfinite_steps, "train-reward steps",
+                                             f"last: step {step}, loss {step_loss}; try a lower learning_rate or "
+                                             "mixed_precision=no/bf16")
         if skipped:
             log(f"step {step}: optimizer step skipped (loss {step_loss:.4g} or its gradient is not finite)")
         else:

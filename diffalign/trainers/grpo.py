@@ -52,7 +52,7 @@ from .common import (
 )
 from .grpo_config import GRPOConfig
 from .grpo_rewards import BUILTIN_PROMPTS, load_prompts, resolve_reward, reward_scores, score_images  # noqa: F401
-from ..optim_step import guarded_backward, guarded_step
+from ..optim_step import count_nonfinite, guarded_backward, guarded_step
 
 
 # ------------------------------------------------------------------------------------ data
@@ -321,12 +321,9 @@ class GRPORecipe:
         return self.kind.mean(x, x0, eps, co)
 
     def check_nonfinite(self, skipped: int) -> None:
-        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped else 0
-        if self.nonfinite_in_a_row >= self.cfg.loss.max_nonfinite_steps:
-            raise FloatingPointError(
-                f"{self.nonfinite_in_a_row} steps in a row had a NaN/inf loss or gradient; try a lower "
-                "optim.learning_rate, mixed_precision=no/bf16, or a smaller sampler.noise_level"
-            )
+        self.nonfinite_in_a_row = count_nonfinite(
+            self.nonfinite_in_a_row, bool(skipped), self.cfg.loss.max_nonfinite_steps, "steps",
+            "try a lower optim.learning_rate, mixed_precision=no/bf16, or a smaller sampler.noise_level")
 
     # ---- evaluation, metrics, outputs
     def eval_due(self, step: int) -> bool:

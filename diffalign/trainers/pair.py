@@ -27,7 +27,7 @@ from ..logging import is_quiet
 from ..losses import per_sample_mse
 from ..losses.methods import OfflineMethod, PairMSEs, offline_method
 from ..models import cat_cond
-from ..optim_step import guarded_step
+from ..optim_step import count_nonfinite, guarded_step
 from .checkpoint import Checkpointer
 from .common import (
     MetricsLogger, Timer, build_trainable, make_optimizer, mean_across_processes, rank_generator,
@@ -217,12 +217,9 @@ class PairRecipe:
         return not res.skipped, res.grad_norm
 
     def _count_nonfinite(self, skipped_update: bool) -> None:
-        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped_update else 0
-        if self.nonfinite_in_a_row >= self.cfg.loss.max_nonfinite_steps:
-            raise FloatingPointError(
-                f"{self.nonfinite_in_a_row} optimizer steps in a row had a NaN/inf loss or gradient; likely causes: "
-                "learning rate too high, fp16 overflow (try mixed_precision=bf16 or no), or corrupt data"
-            )
+        self.nonfinite_in_a_row = count_nonfinite(
+            self.nonfinite_in_a_row, skipped_update, self.cfg.loss.max_nonfinite_steps, "optimizer steps",
+            "likely causes: learning rate too high, fp16 overflow (try mixed_precision=bf16 or no), or corrupt data")
 
     def _step_values(self, step: int, sums: dict, skipped_step: dict, skipped_update: bool) -> dict:
         """The step's ``metrics.jsonl`` row: metrics averaged over processes, plus the counters."""
