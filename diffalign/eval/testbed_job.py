@@ -66,6 +66,8 @@ METHODS: dict[str, JobMethod] = {
     "mixgrpo": JobMethod("mixgrpo.yaml", "flow", "prompts", "testbed"),  # sliding SDE window, ODE elsewhere
     "dancegrpo": JobMethod("dancegrpo.yaml", "flow", "prompts", "testbed"),
     "ddpo": JobMethod("grpo.yaml", "unet", "prompts", "testbed"),  # DDIM-eta GRPO on the UNet base
+    "nft": JobMethod("nft.yaml", "flow", "prompts", "testbed"),  # DiffusionNFT: ODE rollouts, forward-process loss
+    "awm": JobMethod("awm.yaml", "flow", "prompts", "testbed"),  # Advantage Weighted Matching
 }
 
 

@@ -1,6 +1,6 @@
 """Rollouts for online RL: step kinds (:mod:`.steps`), schedules (:mod:`.schedules`), engine (:mod:`.rollout`)."""
 
-from .rollout import GuidedModel, Rollout, cat_rollouts, rollout, sample
+from .rollout import DeterministicStep, GuidedModel, Rollout, cat_rollouts, rollout, sample
 from .schedules import (
     RolloutPlan, SamplingTable, full_plan, ode_plan, sampling_table, tree_plan, window_plan, window_start,
 )
@@ -10,7 +10,7 @@ from .steps import (
 )
 
 __all__ = [
-    "CPSStep", "DDIMStep", "DPMSolver2M", "DanceSDEStep", "EulerODE", "FlowSDEStep", "GuidedModel", "HeunODE",
+    "CPSStep", "DDIMStep", "DeterministicStep", "DPMSolver2M", "DanceSDEStep", "EulerODE", "FlowSDEStep", "GuidedModel", "HeunODE",
     "ODESolver", "ODE_SOLVERS", "PARAMETRIZATIONS", "Rollout", "RolloutPlan", "STEP_KINDS", "SamplingTable",
     "StepCoeffs", "StepKind", "cat_rollouts", "full_plan", "make_ode_solver", "make_step_kind", "ode_plan",
     "rollout", "sample", "sampling_table", "split_prediction", "tree_plan", "window_plan", "window_start",

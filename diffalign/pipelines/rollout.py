@@ -159,10 +159,11 @@ def rollout(
                    model.calls - calls0, model.rows - rows0)
 
 
-class _NoNoise(StepKind):
-    """A step kind with zero std: every step of a rollout with it runs the ODE solver."""
+class DeterministicStep(StepKind):
+    """A step kind with zero std: every step of a rollout with it runs the ODE solver (plain
+    sampling; the rollouts of the forward-process methods, which need no log-probs)."""
 
-    name = "none"
+    name = "ode"
 
     def std(self, co):
         return torch.zeros_like(co.sigma)
@@ -176,7 +177,7 @@ def sample(model: GuidedModel, table: SamplingTable, noise: torch.Tensor, prompt
     """Deterministic sampling (every step an ODE step): final latents [R, C, H, W]."""
     from .schedules import ode_plan
 
-    return rollout(model, table, ode_plan(table.num_steps), _NoNoise(0.0), noise, prompt_index, solver=solver, net=net).final
+    return rollout(model, table, ode_plan(table.num_steps), DeterministicStep(0.0), noise, prompt_index, solver=solver, net=net).final
 
 
 def cat_rollouts(parts: list[Rollout]) -> Rollout:

@@ -184,7 +184,7 @@ class GRPORecipe:
     # ---- the loop
     def train(self) -> dict:
         cfg = self.cfg
-        progress = tqdm(range(self.start_step, cfg.max_steps + 1), desc="grpo",
+        progress = tqdm(range(self.start_step, cfg.max_steps + 1), desc=cfg.method,
                         disable=not self.accelerator.is_main_process or is_quiet())
         try:
             for step in progress:

@@ -162,6 +162,8 @@ class GRPOConfig(BaseTrainConfig):
 
     # the trainer (always grpo here)
     method: str = "grpo"
+    # the methods this config class runs (subclasses add theirs)
+    METHODS = ("grpo",)
     # images per rollout batch per process (whole groups)
     batch_size: int = 8
     # samples per prompt; advantages are relative within a group
@@ -198,7 +200,7 @@ class GRPOConfig(BaseTrainConfig):
 
 
 def _validate_sizes(c: GRPOConfig) -> None:
-    check(c.method == "grpo", "method", "the GRPO trainer runs method: grpo")
+    check(c.method in c.METHODS, "method", f"this trainer runs method: {' or '.join(c.METHODS)}")
     check(c.group_size >= 2, "group_size", "must be >= 2 (advantages are relative within a group)")
     check(c.batch_size % c.group_size == 0, "batch_size",
            f"must be divisible by group_size={c.group_size} (images per rollout batch, whole groups)")

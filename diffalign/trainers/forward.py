@@ -1,0 +1,274 @@
+"""The forward-process online trainer: DiffusionNFT (``method: nft``) and AWM (``method: awm``).
+
+The GRPO loop (:class:`~diffalign.trainers.grpo.GRPORecipe`: prompts, groups, rewards,
+advantages, evaluation, checkpoints, logging) with three parts replaced:
+
+1. :meth:`~ForwardRLRecipe.rollout`: *deterministic* sampling with ``sampler.ode_solver`` (any
+   solver; both papers sample with an ODE) and independent initial noise. DiffusionNFT samples
+   with its "old" policy (a slowly updated copy of the trained weights); AWM with the current one.
+   Only the clean final latents are kept: no trajectory, no log-probs.
+2. :meth:`~ForwardRLRecipe.advantages`: one advantage per image (group-normalised as in GRPO).
+3. :meth:`~ForwardRLRecipe.update`: every image is re-noised by the forward process at
+   ``forward.train_timesteps`` steps of the sampling table (fresh noise), and the method's loss
+   (:mod:`diffalign.losses.forward`) is minimised on those rows in ``updates_per_epoch`` guarded
+   optimizer steps per pass. After the step DiffusionNFT moves its old policy towards the trained
+   weights (``nft.old_decay_*``).
+
+Both methods need a flow-matching model (their losses are defined on the rectified-flow velocity).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, fields
+
+import torch
+
+from ..config import ConfigError
+from ..losses.forward import awm_log_prob, nft_loss, nft_optimality, old_policy_decay, velocity_kl
+from ..losses.grpo import grpo_clip_loss
+from ..optim_step import guarded_backward, guarded_step
+from ..pipelines import DeterministicStep, GuidedModel, RolloutPlan, make_ode_solver, sampling_table, split_prediction
+from ..tensors import per_row
+from .advantages import rollout_advantages, zero_std_group_fraction
+from .common import mean_across_processes
+from .forward_config import ForwardRLConfig
+from .grpo import GRPORecipe, StepRollout, UpdateStats, gather_leaf_data
+
+
+@dataclass
+class NoisedRows:
+    """Training rows: image ``sample`` re-noised at table step ``step`` with ``noise``."""
+
+    sample: torch.Tensor  # [R] index into the step's images
+    step: torch.Tensor  # [R] index into the sampling table
+    noise: torch.Tensor  # [R, C, H, W]
+    old_log_prob: torch.Tensor | None = None  # [R] AWM: log-prob under the weights of the rollout
+
+    def __getitem__(self, idx: torch.Tensor) -> NoisedRows:
+        return NoisedRows(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[idx]
+                             for f in fields(self)})
+
+
+@dataclass
+class ImageAdvantages:
+    """The step's clean images with their advantages (this process), and the gathered rewards."""
+
+    final: torch.Tensor  # [L, C, H, W] clean latents
+    prompt: torch.Tensor  # [L] prompt index (into the step's conditioning)
+    advantage: torch.Tensor  # [L]
+    scores: dict[str, torch.Tensor]  # gathered over processes
+    groups: torch.Tensor
+    combined: torch.Tensor
+
+
+def draw_train_steps(num_images: int, num_steps: int, cfg_forward, generator: torch.Generator) -> torch.Tensor:
+    """Table steps each image is trained at: ``[num_images, K]``.
+
+    Allowed steps are ``[first, int(num_steps * timestep_fraction))`` with ``first = 1`` when
+    ``skip_first_step``. ``per_sample``: each image its own ``K`` distinct steps, uniformly at
+    random (DiffusionNFT's per-sample shuffle of the table); ``stratified``: the allowed range cut
+    into ``K`` equal strata, one uniform step from each, the same for every image (AWM's
+    ``discrete`` time types). ``K = train_timesteps`` or every allowed step.
+    """
+    first = int(cfg_forward.skip_first_step)
+    end = int(num_steps * cfg_forward.timestep_fraction)
+    allowed = end - first
+    k = cfg_forward.train_timesteps or allowed
+    if cfg_forward.timestep_draw == "per_sample":
+        keys = torch.rand((num_images, allowed), generator=generator)
+        return keys.argsort(dim=1)[:, :k] + first
+    bounds = torch.linspace(first, end, k + 1)
+    lo, hi = bounds[:-1].long(), bounds[1:].long()
+    pick = lo + (torch.rand(k, generator=generator) * (hi - lo).float()).long()
+    pick = torch.minimum(pick, torch.full_like(pick, end - 1))
+    return pick.unsqueeze(0).expand(num_images, k).clone()
+
+
+class ForwardRLRecipe(GRPORecipe):
+    """``ForwardRLRecipe(cfg).setup()`` then ``.train()``; :func:`train_forward` does both."""
+
+    cfg: ForwardRLConfig
+
+    def setup(self) -> ForwardRLRecipe:
+        super().setup()
+        # DiffusionNFT's old (sampling) policy starts as the (possibly resumed) trained weights
+        self.old_params = [p.detach().clone() for p in self.params] if self.cfg.method == "nft" else None
+        self.optimizer_steps = 0
+        return self
+
+    def _setup_sampling(self) -> None:
+        s = self.cfg.sampler
+        if not self.adapter.is_flow:
+            raise ConfigError(f"config key 'model': method {self.cfg.method} trains a flow-matching model "
+                              f"(SD3/FLUX-style); {self.cfg.model!r} is a {self.adapter.family} model")
+        self.kind = DeterministicStep(0.0)  # every rollout step runs the ODE solver
+        self.solver = make_ode_solver(s.ode_solver)
+        self.table = sampling_table(self.adapter, s.num_steps, height=s.resolution, width=s.resolution)
+        self.eval_table = None
+        self.step_std = torch.zeros(s.num_steps)
+        self.latent_shape = self.adapter.latent_shape(s.resolution, s.resolution)
+        self.uncond = self.adapter.encode_prompt([""]) if s.cfg and s.guidance_scale > 1.0 else None
+
+    @contextlib.contextmanager
+    def sampling_weights(self):
+        """DiffusionNFT: the old policy's weights swapped into the network (no copy); AWM: as is."""
+        if self.old_params is None:
+            yield
+            return
+        current = [p.data for p in self.params]
+        for p, old in zip(self.params, self.old_params):
+            p.data = old
+        try:
+            yield
+        finally:
+            for p, cur in zip(self.params, current):
+                p.data = cur
+
+    # ---- the three replaced parts
+    def rollout(self, plan: RolloutPlan) -> StepRollout:
+        with self.sampling_weights():
+            return super().rollout(plan)
+
+    def advantages(self, rolled: StepRollout) -> ImageAdvantages:
+        cfg, ro, a = self.cfg, rolled.rollout, self.cfg.advantage
+        scores, groups, ancestors = gather_leaf_data(self.accelerator, rolled.scores, ro.prompt_index.cpu(),
+                                                     [x.cpu() for x in ro.ancestors], ro.rows_per_depth)
+        weights = {r.name: r.weight for r in cfg.rewards}
+        per_depth, combined = rollout_advantages(scores, weights, groups, ancestors, a.multi_reward, a.tree, a.std,
+                                                 a.eps, a.clip)
+        rank, n = self.accelerator.process_index, ro.final.shape[0]
+        adv = per_depth[-1][rank * n:(rank + 1) * n].to(self.device)
+        return ImageAdvantages(ro.final, ro.prompt_index, adv, scores, groups, combined)
+
+    def update(self, model: GuidedModel, adv: ImageAdvantages) -> UpdateStats:
+        """Re-noise every image at its training steps; ``inner_epochs`` shuffled passes over the
+        rows, ``updates_per_epoch`` guarded optimizer steps each; then the old-policy decay."""
+        cfg = self.cfg
+        self.policy.wrapped.train()
+        steps = draw_train_steps(adv.final.shape[0], self.table.num_steps, cfg.forward, self.generator)
+        sample_idx = torch.arange(adv.final.shape[0]).repeat_interleave(steps.shape[1])
+        rows = NoisedRows(sample_idx.to(self.device), steps.reshape(-1).to(self.device),
+                          torch.randn((sample_idx.shape[0], *self.latent_shape), generator=self.generator).to(self.device))
+        if cfg.method == "awm" and cfg.inner_epochs * cfg.updates_per_epoch > 1:
+            rows.old_log_prob = self._awm_log_probs(model, adv, rows)  # later updates are off-policy
+        stats = UpdateStats()
+        for _epoch in range(cfg.inner_epochs):
+            perm = torch.randperm(sample_idx.shape[0], generator=self.generator).to(self.device)
+            for uidx in torch.tensor_split(perm, cfg.updates_per_epoch):
+                if uidx.numel():
+                    self._forward_update(model, adv, rows, uidx, stats)
+        self.lr_scheduler.step()
+        self._decay_old_policy()
+        return stats
+
+    # ---- pieces of the update
+    def _forward_update(self, model: GuidedModel, adv: ImageAdvantages, rows: NoisedRows, uidx: torch.Tensor,
+                        stats: UpdateStats) -> None:
+        micro = torch.split(uidx, self.cfg.train_batch_size or self.cfg.batch_size)
+
+        def backward() -> bool:
+            finite = True
+            for j, midx in enumerate(micro):
+                last = j == len(micro) - 1
+                with contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy.wrapped):
+                    loss, metrics = self.rows_loss(model, adv, rows[midx])
+                    finite = finite and guarded_backward(self.accelerator, loss, midx.numel() / uidx.numel())
+                stats.add({"loss": loss.detach(), **metrics})
+                stats.micro_batches += 1
+            return finite
+
+        skipped, grad_norm = guarded_step(self.accelerator, backward, self.params, self.optimizer,
+                                          max_grad_norm=self.cfg.optim.max_grad_norm)
+        stats.skipped += int(skipped)
+        self.optimizer_steps += int(not skipped)
+        if grad_norm is not None:
+            stats.add({"grad_norm": grad_norm}, len(micro))
+
+    def _noised(self, adv: ImageAdvantages, batch: NoisedRows):
+        co = self.table.coeffs(batch.step)
+        x0 = adv.final[batch.sample].float()
+        x_t = per_row(co.alpha, x0) * x0 + per_row(co.sigma, x0) * batch.noise
+        return x0, x_t, co, self.table.timesteps.to(self.device)[batch.step], adv.prompt[batch.sample]
+
+    def rows_loss(self, model: GuidedModel, adv: ImageAdvantages, batch: NoisedRows):
+        """The method's loss on ``batch`` (+ the velocity KL). Returns ``(loss, metrics)``."""
+        cfg = self.cfg
+        x0, x_t, co, t, prompt = self._noised(adv, batch)
+        out = model(x_t, t, prompt, self.policy.wrapped)
+        a = adv.advantage[batch.sample]
+        if cfg.method == "nft":
+            with torch.no_grad(), self.sampling_weights():
+                out_old = model(x_t, t, prompt, self.policy.module)
+            x0_theta, _ = split_prediction(out, x_t, co.alpha, co.sigma, self.table.parametrization)
+            x0_old, _ = split_prediction(out_old, x_t, co.alpha, co.sigma, self.table.parametrization)
+            n = cfg.nft
+            per, metrics = nft_loss(x0_theta, x0_old, x0, nft_optimality(a, n.adv_clip_max), n.beta,
+                                    adaptive_weight=n.adaptive_weight)
+            loss = per.mean() * (n.loss_scale if n.loss_scale is not None else n.adv_clip_max)
+            metrics = {**metrics, "policy_loss": loss.detach()}
+        else:
+            w = cfg.awm
+            log_prob = awm_log_prob(out, batch.noise, x0, co.sigma, w.weighting, w.ghuber_power)
+            old = batch.old_log_prob if batch.old_log_prob is not None else log_prob.detach()
+            loss, metrics = grpo_clip_loss(log_prob, old, self._awm_advantage(a), w.clip_range)
+        if cfg.forward.kl_beta > 0:
+            with torch.no_grad():
+                ref = self.policy.reference_output(self.adapter, model, x_t, t, prompt)
+            kl = velocity_kl(out, ref).mean()
+            loss = loss + cfg.forward.kl_beta * kl
+            metrics["kl"] = kl.detach()
+        return loss, metrics
+
+    def _awm_advantage(self, a: torch.Tensor) -> torch.Tensor:
+        clip, top = self.cfg.advantage.clip, self.cfg.awm.advantage_max
+        return a if top is None else a / clip * top
+
+    @torch.no_grad()
+    def _awm_log_probs(self, model: GuidedModel, adv: ImageAdvantages, rows: NoisedRows) -> torch.Tensor:
+        w, out = self.cfg.awm, []
+        for idx in torch.split(torch.arange(rows.sample.shape[0], device=self.device), self.cfg.train_batch_size or self.cfg.batch_size):
+            batch = rows[idx]
+            x0, x_t, co, t, prompt = self._noised(adv, batch)
+            pred = model(x_t, t, prompt, self.policy.module)
+            out.append(awm_log_prob(pred, batch.noise, x0, co.sigma, w.weighting, w.ghuber_power))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def _decay_old_policy(self) -> None:
+        if self.old_params is None:
+            return
+        n = self.cfg.nft
+        d = old_policy_decay(self.optimizer_steps, n.old_decay_rate, n.old_decay_cap, n.old_decay_delay)
+        for old, p in zip(self.old_params, self.params):
+            old.mul_(d).add_(p.detach(), alpha=1.0 - d)
+
+    def metrics(self, step, plan, plan_info, rolled, adv: ImageAdvantages, stats, train_seconds) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        local = {k: v / max(stats.micro_batches, 1) for k, v in stats.sums.items()}
+        local.update({
+            "advantage_abs_mean": float(adv.advantage.abs().mean()),
+            "rollout_seconds": rolled.timings["rollout_seconds"], "train_seconds": train_seconds,
+            "reward_seconds": rolled.timings["reward_seconds"], "reward_wait_seconds": rolled.timings["reward_wait_seconds"],
+        })
+        values = mean_across_processes(acc, local)
+        values.update({
+            "reward_mean": float(adv.combined.mean()),
+            "reward_std": float(adv.combined.std(unbiased=False)),
+            **({f"reward/{k}": float(v.mean()) for k, v in adv.scores.items()} if len(adv.scores) > 1 else {}),
+            "zero_std_group_fraction": zero_std_group_fraction(adv.combined, adv.groups),
+            "lr": self.lr_scheduler.get_last_lr()[0],
+            "model_rows": rolled.rollout.model_rows,
+            "nonfinite_skipped": stats.skipped,
+            "images_seen": step * cfg.prompts_per_step * cfg.group_size * acc.num_processes,
+        })
+        if self.old_params is not None:
+            n = cfg.nft
+            values["old_policy_decay"] = old_policy_decay(self.optimizer_steps, n.old_decay_rate, n.old_decay_cap,
+                                                          n.old_decay_delay)
+        return values
+
+
+def train_forward(cfg: ForwardRLConfig) -> dict:
+    """Run ``method: nft`` or ``method: awm`` (see :class:`ForwardRLRecipe`)."""
+    return ForwardRLRecipe(cfg).setup().train()

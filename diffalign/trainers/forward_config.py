@@ -1,0 +1,122 @@
+"""Config of the forward-process online trainer (``method: nft`` and ``method: awm``).
+
+The rollout, reward, advantage and evaluation keys are the GRPO trainer's
+(:class:`~diffalign.trainers.grpo_config.GRPOConfig`); rollouts are deterministic (the
+``sampler.ode_solver``, no stochastic step), so ``sampler.step``, ``schedule`` and ``loss`` are
+not used. Two blocks are added:
+
+* ``forward``: which noise levels each clean sample is trained at, and the velocity KL;
+* ``nft`` (DiffusionNFT, arXiv:2509.16117) or ``awm`` (Advantage Weighted Matching,
+  arXiv:2509.25050): the method's own options, with the released configs' values as defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import check
+from ..losses.forward import AWM_WEIGHTINGS
+from .grpo_config import GRPOConfig
+
+FORWARD_METHODS = ("nft", "awm")
+TIMESTEP_DRAWS = ("per_sample", "stratified")
+
+
+@dataclass
+class ForwardOptions:
+    """Where on the sampling table the clean samples are re-noised for training."""
+
+    # noise levels trained per sample and update (each one forward of the batch). null: every
+    # allowed table step (DiffusionNFT trains int(num_steps * fraction) of them; AWM 6)
+    train_timesteps: int | None = None
+    # allowed steps: the first int(sampler.num_steps * timestep_fraction) of the sampling table
+    timestep_fraction: float = 1.0
+    # never train at the first (pure-noise) table step (AWM's "discrete_wo_init")
+    skip_first_step: bool = False
+    # per_sample: each sample its own random distinct steps (DiffusionNFT: a per-sample shuffle of
+    # the table) | stratified: one step per stratum of the allowed range, shared by the batch
+    # (AWM's "discrete" time types)
+    timestep_draw: str = "per_sample"
+    # weight of mean((v - v_ref)^2) to the reference (LoRA disabled); both releases call it train.beta
+    kl_beta: float = 1.0e-4
+
+
+@dataclass
+class NFTOptions:
+    """DiffusionNFT (Zheng et al., 2025), defaults from its SD3.5 GenEval config."""
+
+    # the implicit-policy mixing strength beta (config.beta: 1.0; 0.1 for OCR / multi-reward)
+    beta: float = 1.0
+    # advantages are clipped to +-adv_clip_max before r = A / adv_clip_max / 2 + 1/2 (release: 5)
+    adv_clip_max: float = 5.0
+    # the batch loss is multiplied by this (release: policy_loss_scale = adv_clip_max); null: adv_clip_max
+    loss_scale: float | None = None
+    # the release's per-sample adaptive weights 1 / stopgrad(mean |x0_hat - x0|)
+    adaptive_weight: bool = True
+    # old (sampling) policy decay d = min((step - delay) * rate, cap) after every step
+    # (decay_type 1: rate 0.001, cap 0.5, delay 0; decay_type 2: 0.0075, 0.999, 75)
+    old_decay_rate: float = 0.001
+    old_decay_cap: float = 0.5
+    old_decay_delay: int = 0
+
+
+@dataclass
+class AWMOptions:
+    """Advantage Weighted Matching (Xue et al., 2025), defaults from its SD3.5 GenEval config."""
+
+    # per-sample weighting of the flow-matching error: uniform | t | t2 | huber | ghuber
+    weighting: str = "ghuber"
+    # the power p of the ghuber weighting
+    ghuber_power: float = 0.25
+    # PPO clip of the ratio exp(log p_theta - log p_old) (release: 1.0)
+    clip_range: float = 1.0
+    # advantages (after advantage.clip) are rescaled to [-advantage_max, advantage_max]
+    # (release: advantage_max 1 with adv_clip_max 5); null: no rescaling
+    advantage_max: float | None = 1.0
+
+
+@dataclass
+class ForwardRLConfig(GRPOConfig):
+    """Config of ``method: nft`` / ``method: awm`` (see the module docstring)."""
+
+    # the forward-process method: nft | awm
+    method: str = "nft"
+    METHODS = FORWARD_METHODS
+    forward: ForwardOptions = field(default_factory=ForwardOptions)
+    nft: NFTOptions = field(default_factory=NFTOptions)
+    awm: AWMOptions = field(default_factory=AWMOptions)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.forward.kl_beta > 0
+
+    def validate(self) -> None:
+        super().validate()
+        check(not self.sampler.shared_noise, "sampler.shared_noise",
+              f"must be false for {self.method}: rollouts are deterministic (ODE), so a group sharing its "
+              "initial noise would be one image repeated")
+        f = self.forward
+        check(f.train_timesteps is None or f.train_timesteps >= 1, "forward.train_timesteps", "must be >= 1 or null")
+        check(0 < f.timestep_fraction <= 1, "forward.timestep_fraction", "must be in (0, 1]")
+        allowed = int(self.sampler.num_steps * f.timestep_fraction) - int(f.skip_first_step)
+        check(allowed >= 1, "forward.timestep_fraction",
+              f"leaves no table step to train on (sampler.num_steps={self.sampler.num_steps}, "
+              f"skip_first_step={f.skip_first_step})")
+        check(f.train_timesteps is None or f.timestep_draw == "stratified" or f.train_timesteps <= allowed,
+              "forward.train_timesteps", f"at most {allowed} distinct steps are allowed per sample")
+        check(f.timestep_draw in TIMESTEP_DRAWS, "forward.timestep_draw", f"must be one of {', '.join(TIMESTEP_DRAWS)}")
+        check(f.kl_beta >= 0, "forward.kl_beta", "must be >= 0")
+        n = self.nft
+        check(n.beta > 0, "nft.beta", "must be > 0")
+        check(n.adv_clip_max > 0, "nft.adv_clip_max", "must be > 0")
+        check(n.loss_scale is None or n.loss_scale > 0, "nft.loss_scale", "must be > 0 or null")
+        check(n.old_decay_rate >= 0, "nft.old_decay_rate", "must be >= 0")
+        check(0 <= n.old_decay_cap < 1, "nft.old_decay_cap", "must be in [0, 1)")
+        check(n.old_decay_delay >= 0, "nft.old_decay_delay", "must be >= 0")
+        a = self.awm
+        check(a.weighting in AWM_WEIGHTINGS, "awm.weighting", f"must be one of {', '.join(AWM_WEIGHTINGS)}")
+        check(a.ghuber_power > 0, "awm.ghuber_power", "must be > 0")
+        check(a.clip_range > 0, "awm.clip_range", "must be > 0")
+        check(a.advantage_max is None or a.advantage_max > 0, "awm.advantage_max", "must be > 0 or null")
+        check(a.advantage_max is None or self.advantage.clip is not None, "awm.advantage_max",
+              "rescales advantage.clip to advantage_max: set advantage.clip too (release: 5)")
