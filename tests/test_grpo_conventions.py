@@ -220,3 +220,110 @@ def test_rollout_records_the_last_steps_x0_prediction(kind, equal):
     v = 0.5 * x_last + 0.1 * float(table.timesteps[3]) / 1000
     torch.testing.assert_close(ro.last_x0, x_last - sigma * v)
     assert torch.allclose(ro.final, ro.last_x0, atol=1e-6) == equal
+
+
+# ----------------------------------------------------------------------------- in the trainer (tiny models)
+from pathlib import Path  # noqa: E402
+
+from diffalign.config import ConfigError, load_config  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[1] / "diffalign" / "configs" / "tiny"
+SMALL = ("max_steps=2", "sampler.num_steps=3", "prompts_per_step=2", "batch_size=4", "group_size=2", "train_batch_size=4",
+         "eval.num_prompts=2", "sampler.eval_num_steps=4")
+
+
+def _run(model_dir, out, *overrides):
+    import json
+
+    from diffalign.trainers.grpo import train_grpo
+
+    cfg = load_config(CONFIGS / "grpo.yaml", [f"model={model_dir}", f"output_dir={out}", *overrides])
+    train_grpo(cfg)
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_reference_conventions_train_on_policy_with_a_watched_eval_reward(tiny_model, tmp_path):
+    """DanceGRPO's table, step rule, std and x0 reward with flow_grpo's KL form, an eval-only reward:
+    on-policy log-probs, KL 0 at the reference, int((N - 1) f) steps per sample, the watched reward logged."""
+    rows = _run(tiny_model("sd3"), tmp_path, *SMALL, "loss.kl_beta=0.05", "loss.kl_form=flow_grpo",
+                "sampler.sigma_schedule=time_shift", "reward_on=x0_last", "schedule.exclude_last_step=true",
+                "schedule.timestep_rounding=floor", "schedule.timestep_fraction=0.6", "advantage.std_ddof=1",
+                "advantage.eps=1e-8", "prompt_sampling=epoch", "eval.rewards=[{name: contrast}]")
+    assert all(r["logprob_mismatch"] < 1e-4 for r in rows)
+    assert rows[0]["kl"] < 1e-6 and rows[-1]["kl"] > 0
+    assert all(r["transitions"] == 4 * int((3 - 1) * 0.6) for r in rows)
+    assert "eval_reward/contrast" in rows[-1] and "eval_reward_mean" in rows[-1]
+    assert (tmp_path / "reward_curve.png").stat().st_size > 1000
+
+
+def test_cps_flow_grpo_log_prob_is_on_policy_in_the_trainer(tiny_model, tmp_path):
+    rows = _run(tiny_model("sd3"), tmp_path, *SMALL, "max_steps=1", "eval.every=-1", "sampler.step=cps",
+                "sampler.cps_logprob=flow_grpo", "loss.clip_range=1e-5")
+    assert rows[0]["logprob_mismatch"] < 1e-6
+
+
+def test_zero_advantage_transitions_are_dropped(tiny_model, tmp_path, monkeypatch):
+    """flow_grpo filters samples whose advantages are all zero: a constant reward leaves nothing to train."""
+    import diffalign.trainers.grpo as grpo
+
+    monkeypatch.setattr(grpo, "resolve_reward", lambda name, args=None: lambda images, *a, **k: torch.zeros(len(images)))
+    kept = _run(tiny_model("sd3"), tmp_path / "a", *SMALL, "max_steps=1", "eval.every=-1")
+    dropped = _run(tiny_model("sd3"), tmp_path / "b", *SMALL, "max_steps=1", "eval.every=-1",
+                   "advantage.drop_zero_advantage=true")
+    assert kept[0]["transitions"] == 4 * 3 and dropped[0]["transitions"] == 0
+    assert "grad_norm" in kept[0] and "grad_norm" not in dropped[0]  # no update without transitions
+
+
+def _recipe(model_dir, out, *overrides):
+    from diffalign.trainers.grpo import GRPORecipe
+
+    cfg = load_config(CONFIGS / "grpo.yaml", [f"model={model_dir}", f"output_dir={out}", "prompts_per_step=4", *overrides])
+    return GRPORecipe(cfg).setup()
+
+
+def test_prompt_sampling_distinct_and_epoch_over_ranks(tiny_model, tmp_path):
+    recipe = _recipe(tiny_model("sd3"), tmp_path, "prompt_sampling=distinct", "sampler.sigma_schedule=time_shift")
+    torch.testing.assert_close(recipe.table.sigma, time_shift_table(4, 3.0).sigma)  # the option reaches the rollouts
+    n = len(recipe.prompts)
+    ranks = [SimpleNamespace(process_index=r, num_processes=2) for r in range(2)]
+
+    def picks(step):
+        out = []
+        for acc in ranks:
+            recipe.accelerator = acc
+            out.append(recipe.prompt_indices(step))
+        return out
+
+    for step in (1, 2, 3):  # distinct: 8 different prompts per step over both ranks, fresh each step
+        a, b = picks(step)
+        assert len(set(a + b)) == 8
+        assert picks(step) == [a, b]  # a function of (seed, step): the same after a resume
+    assert picks(1) != picks(2)
+    recipe.cfg.prompt_sampling = "epoch"
+    per_step = 8
+    epoch0 = [i for s in range(1, n // per_step + 1) for i in sum(picks(s), [])]
+    epoch1 = [i for s in range(n // per_step + 1, 2 * n // per_step + 1) for i in sum(picks(s), [])]
+    assert sorted(epoch0) == list(range(n)) and sorted(epoch1) == list(range(n))  # each prompt once per epoch
+    assert epoch0 != epoch1  # reshuffled
+
+
+def test_time_shift_needs_a_flow_model(tiny_model, tmp_path):
+    with pytest.raises(ConfigError, match="sampler.sigma_schedule"):
+        _recipe(tiny_model("sd15"), tmp_path, "sampler.sigma_schedule=time_shift")
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["sampler.cps_logprob=flow_grpo"], "sampler.cps_logprob"),  # the default step is not cps
+    (["sampler.step=cps", "sampler.cps_logprob=flow_grpo", "loss.ratio_norm=true"], "loss.ratio_norm"),
+    (["loss.kl_form=exact"], "loss.kl_form"),
+    (["advantage.std_ddof=2"], "advantage.std_ddof"),
+    (["schedule.timestep_rounding=ceil"], "schedule.timestep_rounding"),
+    (["sampler.sigma_schedule=karras"], "sampler.sigma_schedule"),
+    (["sampler.shift=0"], "sampler.shift"),
+    (["reward_on=latent"], "reward_on"),
+    (["prompt_sampling=shuffle"], "prompt_sampling"),
+    (["eval.rewards=[{name: a}, {name: a}]"], "eval.rewards"),
+])
+def test_convention_options_reject_bad_values_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(CONFIGS / "grpo.yaml", ["model=m", *overrides])
