@@ -327,3 +327,17 @@ def test_time_shift_needs_a_flow_model(tiny_model, tmp_path):
 def test_convention_options_reject_bad_values_naming_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(CONFIGS / "grpo.yaml", ["model=m", *overrides])
+
+
+def test_reward_curve_plots_watched_rewards_beside_the_training_reward(tmp_path):
+    from PIL import Image
+
+    from diffalign.trainers.grpo import save_reward_curve
+
+    rows = [{"step": s, "reward_mean": 0.1 * s, "reward_std": 0.01,
+             **({"eval_reward_mean": 0.1 * s, "eval_reward/hpsv2": 0.3 - 0.01 * s} if s % 2 == 0 else {})}
+            for s in range(1, 7)]
+    save_reward_curve(rows, tmp_path / "train_only.png")
+    save_reward_curve(rows, tmp_path / "watched.png", ["hpsv2"])
+    w_train, w_watched = Image.open(tmp_path / "train_only.png").width, Image.open(tmp_path / "watched.png").width
+    assert w_watched > 1.5 * w_train  # a second panel beside the training curve
