@@ -242,9 +242,16 @@ def _run(model_dir, out, *overrides):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_reference_conventions_train_on_policy_with_a_watched_eval_reward(tiny_model, tmp_path):
+def test_reference_conventions_train_on_policy_with_a_watched_eval_reward(tiny_model, tmp_path, monkeypatch):
     """DanceGRPO's table, step rule, std and x0 reward with flow_grpo's KL form, an eval-only reward:
-    on-policy log-probs, KL 0 at the reference, int((N - 1) f) steps per sample, the watched reward logged."""
+    on-policy log-probs, KL 0 at the reference, int((N - 1) f) steps per sample, the last step's
+    x0-prediction scored (not the final latent), the watched reward logged."""
+    import diffalign.trainers.grpo as grpo
+
+    rollouts, scored = [], []
+    real_rollout, real_score = grpo.rollout, grpo.score_images
+    monkeypatch.setattr(grpo, "rollout", lambda *a, **k: rollouts.append(real_rollout(*a, **k)) or rollouts[-1])
+    monkeypatch.setattr(grpo, "score_images", lambda adapter, latents, *a: scored.append(latents) or real_score(adapter, latents, *a))
     rows = _run(tiny_model("sd3"), tmp_path, *SMALL, "loss.kl_beta=0.05", "loss.kl_form=flow_grpo",
                 "sampler.sigma_schedule=time_shift", "reward_on=x0_last", "schedule.exclude_last_step=true",
                 "schedule.timestep_rounding=floor", "schedule.timestep_fraction=0.6", "advantage.std_ddof=1",
@@ -253,6 +260,7 @@ def test_reference_conventions_train_on_policy_with_a_watched_eval_reward(tiny_m
     assert rows[0]["kl"] < 1e-6 and rows[-1]["kl"] > 0
     assert all(r["transitions"] == 4 * int((3 - 1) * 0.6) for r in rows)
     assert "eval_reward/contrast" in rows[-1] and "eval_reward_mean" in rows[-1]
+    assert torch.equal(scored[0], rollouts[0].last_x0) and not torch.allclose(scored[0], rollouts[0].final)
     assert (tmp_path / "reward_curve.png").stat().st_size > 1000
 
 

@@ -13,7 +13,7 @@ from .steps import (
 __all__ = [
     "CPSStep", "DDIMStep", "DPMSolver2M", "DanceSDEStep", "EulerODE", "FlowSDEStep", "GuidedModel", "HeunODE",
     "ODESolver", "ODE_SOLVERS", "PARAMETRIZATIONS", "Rollout", "RolloutPlan", "SIGMA_SCHEDULES", "STEP_KINDS",
-    "SamplingTable",
-    "StepCoeffs", "StepKind", "cat_rollouts", "full_plan", "make_ode_solver", "make_step_kind", "ode_plan",
-    "rollout", "sample", "sampling_table", "split_prediction", "time_shift_table", "tree_plan", "window_plan", "window_start",
+    "SamplingTable", "StepCoeffs", "StepKind", "cat_rollouts", "full_plan", "make_ode_solver", "make_step_kind",
+    "ode_plan", "rollout", "sample", "sampling_table", "split_prediction", "time_shift_table", "tree_plan",
+    "window_plan", "window_start",
 ]
