@@ -26,6 +26,10 @@ from ..tensors import per_row
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 REDUCTIONS = ("mean", "sum")
+# the divisor of the closed-form KL (see gaussian_kl_same_std): gaussian | flow_grpo
+KL_FORMS = ("gaussian", "flow_grpo")
+# the log-prob of a transition: gaussian (gaussian_log_prob) | flow_grpo (squared_error_log_prob, CPS)
+LOG_PROB_FORMS = ("gaussian", "flow_grpo")
 
 
 def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -50,12 +54,38 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | f
     return _reduce(elem.expand_as(diff), reduction)
 
 
+def squared_error_log_prob(x: torch.Tensor, mean: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """flow_grpo's CPS "log-prob" (``sde_type == "cps"`` in flow_grpo's ``sd3_sde_with_logprob.py``,
+    after Wang & Yu 2025, arXiv:2509.05952): ``-(x - mean)^2`` per element, reduced like
+    :func:`gaussian_log_prob`: [B, ...] -> [B], fp32.
+
+    No ``1 / (2 std^2)`` and no normaliser: the log-ratio of two policies sharing ``std`` is the
+    Gaussian one times ``2 std^2`` (the normaliser cancels), so per step it is ``2 std_t^2`` of
+    ours — which is why flow_grpo's CPS clip range (``1e-5``) does not carry over to the Gaussian
+    form. ``sampler.cps_logprob: flow_grpo`` selects it.
+    """
+    diff = x.float() - mean.float()
+    return _reduce(-(diff**2), reduction)
+
+
 def gaussian_kl_same_std(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor | float, reduction: str = "mean") -> torch.Tensor:
     """KL(N(mean, std^2) || N(mean_ref, std^2)) = ||mean - mean_ref||^2 / (2 std^2), reduced per sample.
 
     Flow-GRPO's closed-form KL to the reference policy on the step means: both policies share the
     schedule's ``std``, so the KL depends on the means only. Same ``reduction`` convention as
     :func:`gaussian_log_prob` (``mean``: averaged over latent elements). Zero when model == reference.
+
+    Which ``std`` (``loss.kl_form``; the trainer passes ``StepKind.kl_std``):
+
+    * ``gaussian`` (default): the transition's true std, ``g(s) * sqrt(ds)`` for the flow SDEs — the
+      exact KL between the two Gaussian transitions.
+    * ``flow_grpo``: flow_grpo's ``train_sd3.py``, ``kl_loss = ((prev_sample_mean -
+      prev_sample_mean_ref)**2).mean(dim=(1,2,3)) / (2 * std_dev_t**2)`` with ``std_dev_t`` the
+      diffusion coefficient ``g(s) = a sqrt(s / (1 - s))`` *without* ``sqrt(ds)`` (for CPS its
+      ``std_dev_t`` is the true std, so both forms agree there). For the SDE kinds the gaussian KL
+      is therefore ``1 / ds`` times flow_grpo's per step (``ds = s_t - s_next``, the step's sigma
+      decrement): 25, 21, 18, 15, 12, 9.5, 7.3, 5.4, 3.7, 112 on SD3's 10-step table (23x on
+      average), so a ``kl_beta`` from the Flow-GRPO paper is that much stronger under ``gaussian``.
     """
     std = per_row(std, mean)
     return _reduce(((mean.float() - mean_ref.float()) ** 2) / (2 * std**2), reduction)

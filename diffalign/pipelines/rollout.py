@@ -4,6 +4,9 @@
 solver (:mod:`.steps`) over a batch of rows and returns a :class:`Rollout`:
 
 * ``final`` latents of the leaves (one per sample; trees have ``roots * prod(branch factors)``);
+* ``last_x0``: the model's x0-prediction at the last step, per leaf (what DanceGRPO and BranchGRPO
+  decode and score instead of ``final``; equal to it when the last step lands on ``sigma = 0``
+  without noise);
 * ``transitions``: for every stochastic step of every row, the latent before (``x``) and after
   (``x_next``), the step index and timestep, the step mean, std and the fp32 Gaussian log-prob of
   the transition (reduction: ``reduction``, see :mod:`diffalign.losses.grpo`), the row's prompt,
@@ -79,6 +82,7 @@ class Rollout:
     transitions: dict[str, torch.Tensor] = field(default_factory=dict)
     model_calls: int = 0
     model_rows: int = 0
+    last_x0: torch.Tensor | None = None  # [L, C, H, W] x0-prediction of the last step
 
     @property
     def num_transitions(self) -> int:
@@ -120,6 +124,7 @@ def rollout(
     rows_per_depth = [x.shape[0]]
     rec: dict[str, list] = {k: [] for k in TRANSITION_KEYS}
     state: dict = {}
+    x0 = None
     for i in range(table.num_steps):
         k = plan.branches.get(i, 1)
         if k > 1:
@@ -156,7 +161,7 @@ def rollout(
         x = x_next
     transitions = {k: torch.cat(v) for k, v in rec.items() if v}
     return Rollout(table, x, rows_prompt, node_at, rows_per_depth, transitions,
-                   model.calls - calls0, model.rows - rows0)
+                   model.calls - calls0, model.rows - rows0, x0)
 
 
 class DeterministicStep(StepKind):
@@ -208,4 +213,5 @@ def cat_rollouts(parts: list[Rollout]) -> Rollout:
         {k: torch.cat(v) for k, v in trans.items()},
         sum(p.model_calls for p in parts),
         sum(p.model_rows for p in parts),
+        None if any(p.last_x0 is None for p in parts) else torch.cat([p.last_x0 for p in parts]),
     )

@@ -14,10 +14,11 @@ works on every family; for SD3 the change of variables is the identity. With noi
 stochastic kind reduces to the deterministic DDIM / flow-Euler step (:class:`EulerODE`).
 
 The log-prob of a transition is :func:`diffalign.losses.grpo.gaussian_log_prob` (see its
-module docstring for the reduction over latent elements); the rollout records it through
-:meth:`StepKind.sample` and training recomputes it through :meth:`StepKind.log_prob_and_moments`,
-both one ``gaussian_log_prob(x_next, kind.mean(...), kind.std(co))``, so recorded and recomputed
-log-probs agree to float rounding.
+module docstring for the reduction over latent elements), or flow_grpo's CPS convention
+:func:`~diffalign.losses.grpo.squared_error_log_prob` (``log_prob_form="flow_grpo"``); the rollout
+records it through :meth:`StepKind.sample` and training recomputes it through
+:meth:`StepKind.log_prob_and_moments`, both the same function of ``(x_next, kind.mean(...),
+kind.std(co))``, so recorded and recomputed log-probs agree to float rounding.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ..losses.grpo import gaussian_log_prob
+from ..losses.grpo import KL_FORMS, LOG_PROB_FORMS, gaussian_log_prob, squared_error_log_prob
 from ..tensors import per_row
 
 PARAMETRIZATIONS = ("epsilon", "v_prediction", "flow")
@@ -92,12 +93,34 @@ class StepKind:
     name = "base"
     default_noise_level = 1.0
 
-    def __init__(self, noise_level: float | None = None) -> None:
+    def __init__(self, noise_level: float | None = None, log_prob_form: str = "gaussian") -> None:
+        if log_prob_form not in LOG_PROB_FORMS:
+            raise ValueError(f"log_prob_form must be one of {LOG_PROB_FORMS}, got {log_prob_form!r}")
         self.noise_level = float(self.default_noise_level if noise_level is None else noise_level)
+        # gaussian: gaussian_log_prob; flow_grpo: squared_error_log_prob (flow_grpo's CPS convention)
+        self.log_prob_form = log_prob_form
 
     def std(self, co: StepCoeffs) -> torch.Tensor:
         """Per-row standard deviation [B] of ``x_next`` (schedule only, never the network)."""
         raise NotImplementedError
+
+    def diffusion_std(self, co: StepCoeffs) -> torch.Tensor:
+        """flow_grpo's ``std_dev_t`` of the step: the std without the step-size factor. The same as
+        :meth:`std` for kinds without one (DDIM, CPS); SDE kinds return their diffusion ``g``."""
+        return self.std(co)
+
+    def kl_std(self, co: StepCoeffs, form: str = "gaussian") -> torch.Tensor:
+        """The std the closed-form KL divides by (``loss.kl_form``, see
+        :func:`diffalign.losses.grpo.gaussian_kl_same_std`): :meth:`std` (``gaussian``) or
+        :meth:`diffusion_std` (``flow_grpo``)."""
+        if form not in KL_FORMS:
+            raise ValueError(f"kl form must be one of {KL_FORMS}, got {form!r}")
+        return self.std(co) if form == "gaussian" else self.diffusion_std(co)
+
+    def _log_prob(self, x_next, mean, std, reduction: str) -> torch.Tensor:
+        if self.log_prob_form == "flow_grpo":
+            return squared_error_log_prob(x_next, mean, reduction)
+        return gaussian_log_prob(x_next, mean, std, reduction)
 
     def mean(self, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, co: StepCoeffs) -> torch.Tensor:
         raise NotImplementedError
@@ -110,16 +133,16 @@ class StepKind:
         """:meth:`log_prob` with the step's ``mean`` and ``std`` it used: ``(log_prob, mean, std)``
         (training needs them for the KL and RatioNorm). The trainer's recomputation path."""
         mean, std = self.mean(x, x0, eps, co), self.std(co)
-        return gaussian_log_prob(x_next, mean, std, reduction), mean, std
+        return self._log_prob(x_next, mean, std, reduction), mean, std
 
     def sample(self, x, x0, eps, co: StepCoeffs, noise: torch.Tensor, reduction: str = "mean"):
         """``x_next = mean + std * noise``; returns ``(x_next, log_prob, mean, std)``. The rollout's path."""
         mean, std = self.mean(x, x0, eps, co), self.std(co)
         x_next = mean + per_row(std, mean) * noise.to(mean)
-        return x_next, gaussian_log_prob(x_next, mean, std, reduction), mean, std
+        return x_next, self._log_prob(x_next, mean, std, reduction), mean, std
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(noise_level={self.noise_level})"
+        return f"{type(self).__name__}(noise_level={self.noise_level}, log_prob_form={self.log_prob_form!r})"
 
 
 class DDIMStep(StepKind):
@@ -182,6 +205,10 @@ class _FlowSpaceSDE(StepKind):
         ds = (co.s - co.s_next).clamp_min(0.0)
         return co.scale_next * self.g(co) * ds.sqrt()
 
+    def diffusion_std(self, co):
+        """``g(s)`` (in x space: ``(alpha_next + sigma_next) g``), flow_grpo's ``std_dev_t``: :meth:`std` / sqrt(ds)."""
+        return co.scale_next * self.g(co)
+
     def mean(self, x, x0, eps, co):
         s, ds = co.s, co.s_next - co.s
         y = x / per_row(co.scale, x)
@@ -221,15 +248,16 @@ class DanceSDEStep(_FlowSpaceSDE):
 STEP_KINDS: dict[str, type[StepKind]] = {k.name: k for k in (DDIMStep, CPSStep, FlowSDEStep, DanceSDEStep)}
 
 
-def make_step_kind(name: str, noise_level: float | None = None, is_flow: bool | None = None) -> StepKind:
-    """``auto`` picks Flow-SDE for flow models and DDIM-eta for UNets."""
+def make_step_kind(name: str, noise_level: float | None = None, is_flow: bool | None = None,
+                   log_prob_form: str = "gaussian") -> StepKind:
+    """``auto`` picks Flow-SDE for flow models and DDIM-eta for UNets; ``log_prob_form``: see :class:`StepKind`."""
     if name == "auto":
         if is_flow is None:
             raise ValueError("make_step_kind('auto') needs is_flow")
         name = "flow_sde" if is_flow else "ddim"
     if name not in STEP_KINDS:
         raise ValueError(f"unknown step kind {name!r}; valid: auto, {', '.join(STEP_KINDS)}")
-    return STEP_KINDS[name](noise_level)
+    return STEP_KINDS[name](noise_level, log_prob_form)
 
 
 # --------------------------------------------------------------------------------- ODE solvers

@@ -3,6 +3,10 @@
 * :func:`group_advantages`: per-prompt group normalisation (GRPO; Flow-GRPO, DanceGRPO),
   ``A = (r - mean_group) / (std + eps)`` with the std of the group (``group``), of the whole
   batch (``global``, Flow-GRPO's option) or none (``none``: mean-centred only); then clamped.
+  ``std_ddof``: 0 is the population std (flow_grpo's ``np.std``, with ``eps = 1e-4``); 1 the
+  unbiased std (``torch.std``: DanceGRPO, MixGRPO and BranchGRPO, with ``eps = 1e-8``), which is
+  ``sqrt(n / (n - 1))`` larger (1.155 at n = 4; 1.414 for a pair of tree nodes). A group of one
+  (or a depth with one node per group) gets zero advantages under both.
 * :func:`tree_advantages`: tree rollouts (BranchGRPO; TempFlow-GRPO). A node's value is the mean
   reward of the leaves below it; ``depth`` normalises node values among the nodes of the same
   group at the same depth (BranchGRPO's depth-wise advantage), ``leaf`` gives each node the mean
@@ -23,8 +27,8 @@ MULTI_REWARD_MODES = ("weighted_sum", "sum_of_advantages")
 TREE_MODES = ("depth", "leaf")
 
 
-def _group_stats(values: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample mean and (population) std of its group."""
+def _group_stats(values: torch.Tensor, groups: torch.Tensor, ddof: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample mean and std of its group (divisor ``n - ddof``; 0 where ``n <= ddof``)."""
     _, inv = torch.unique(groups, return_inverse=True)
     n_groups = int(inv.max()) + 1 if inv.numel() else 0
     v = values.double()
@@ -32,26 +36,30 @@ def _group_stats(values: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tens
     total = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inv.cpu(), v.cpu())
     mean = total / count
     sq = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inv.cpu(), (v.cpu() - mean[inv.cpu()]) ** 2)
-    std = (sq / count).sqrt()
+    std = (sq / (count - ddof).clamp_min(1.0)).sqrt()
     return mean[inv.cpu()].to(values.device).float(), std[inv.cpu()].to(values.device).float()
 
 
 def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, std: str = "group", eps: float = 1e-4,
-                     clip: float | None = None) -> torch.Tensor:
+                     clip: float | None = None, std_ddof: int = 0) -> torch.Tensor:
     """``(r - mean of the sample's group) / (std + eps)``, clamped to ``[-clip, clip]``: [N] -> [N].
 
-    ``std``: ``group`` (the group's std: GRPO), ``global`` (the std of all ``rewards``), ``none``.
+    ``std``: ``group`` (the group's std: GRPO), ``global`` (the std of all ``rewards``), ``none``;
+    ``std_ddof``: 0 population std, 1 unbiased (see the module docstring).
     A group whose rewards are all equal gets zero advantages (any std mode).
     """
     if std not in STD_MODES:
         raise ValueError(f"std must be one of {STD_MODES}, got {std!r}")
     rewards = rewards.float()
-    mean, gstd = _group_stats(rewards, groups)
+    if std_ddof not in (0, 1):
+        raise ValueError(f"std_ddof must be 0 or 1, got {std_ddof!r}")
+    mean, gstd = _group_stats(rewards, groups, std_ddof)
     centred = rewards - mean
     if std == "group":
         adv = centred / (gstd + eps)
     elif std == "global":
-        adv = centred / (rewards.std(unbiased=False) + eps)
+        glob = rewards.std(unbiased=bool(std_ddof)) if rewards.numel() > std_ddof else rewards.new_zeros(())
+        adv = centred / (glob + eps)
     else:
         adv = centred
     if clip is not None:
@@ -69,7 +77,8 @@ def zero_std_group_fraction(rewards: torch.Tensor, groups: torch.Tensor, tol: fl
 
 
 def tree_advantages(leaf_rewards: torch.Tensor, leaf_groups: torch.Tensor, ancestors: list[torch.Tensor],
-                    mode: str = "depth", std: str = "group", eps: float = 1e-4, clip: float | None = None) -> list[torch.Tensor]:
+                    mode: str = "depth", std: str = "group", eps: float = 1e-4, clip: float | None = None,
+                    std_ddof: int = 0) -> list[torch.Tensor]:
     """Per-depth node advantages of tree rollouts: returns ``[A_0, ..., A_m]``, ``A_d`` [nodes at depth d].
 
     ``ancestors[d][leaf]`` is the node at depth ``d`` above each leaf (node ids ``0..n_d-1``; the
@@ -83,7 +92,7 @@ def tree_advantages(leaf_rewards: torch.Tensor, leaf_groups: torch.Tensor, ances
     if mode not in TREE_MODES:
         raise ValueError(f"tree mode must be one of {TREE_MODES}, got {mode!r}")
     leaf_rewards = leaf_rewards.float()
-    leaf_adv = group_advantages(leaf_rewards, leaf_groups, std, eps, None) if mode == "leaf" else None
+    leaf_adv = group_advantages(leaf_rewards, leaf_groups, std, eps, None, std_ddof) if mode == "leaf" else None
     out = []
     for anc in ancestors:
         anc = anc.long().cpu()
@@ -94,7 +103,7 @@ def tree_advantages(leaf_rewards: torch.Tensor, leaf_groups: torch.Tensor, ances
             adv = torch.zeros(n).index_add_(0, anc, leaf_adv.cpu()) / count
         else:
             value = torch.zeros(n).index_add_(0, anc, leaf_rewards.cpu()) / count
-            adv = group_advantages(value, node_groups, std, eps, None)
+            adv = group_advantages(value, node_groups, std, eps, None, std_ddof)
         if clip is not None:
             adv = adv.clamp(-clip, clip)
         out.append(adv.to(leaf_rewards.device))
@@ -104,7 +113,7 @@ def tree_advantages(leaf_rewards: torch.Tensor, leaf_groups: torch.Tensor, ances
 def rollout_advantages(rewards: dict[str, torch.Tensor], weights: dict[str, float], leaf_groups: torch.Tensor,
                        ancestors: list[torch.Tensor] | None = None, multi_reward: str = "weighted_sum",
                        tree_mode: str = "depth", std: str = "group", eps: float = 1e-4,
-                       clip: float | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+                       clip: float | None = None, std_ddof: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Advantages of every tree depth from several per-leaf rewards; also the weighted reward.
 
     ``weighted_sum``: ``r = sum_k w_k r_k``, then advantages of ``r``. ``sum_of_advantages``
@@ -118,11 +127,11 @@ def rollout_advantages(rewards: dict[str, torch.Tensor], weights: dict[str, floa
     ancestors = ancestors if ancestors is not None else [torch.arange(n)]
     combined = sum(weights.get(k, 1.0) * rewards[k].float() for k in names)
     if multi_reward == "weighted_sum" or len(names) == 1:
-        per_depth = tree_advantages(combined, leaf_groups, ancestors, tree_mode, std, eps, None)
+        per_depth = tree_advantages(combined, leaf_groups, ancestors, tree_mode, std, eps, None, std_ddof)
     else:
         per_depth = None
         for k in names:
-            a = tree_advantages(rewards[k], leaf_groups, ancestors, tree_mode, std, eps, None)
+            a = tree_advantages(rewards[k], leaf_groups, ancestors, tree_mode, std, eps, None, std_ddof)
             a = [weights.get(k, 1.0) * x for x in a]
             per_depth = a if per_depth is None else [p + q for p, q in zip(per_depth, a)]
     if clip is not None:

@@ -28,7 +28,7 @@ from ..config import ConfigError
 from ..losses.forward import awm_log_prob, nft_loss, nft_optimality, old_policy_decay, velocity_kl
 from ..losses.grpo import grpo_clip_loss
 from ..optim_step import guarded_backward, guarded_step
-from ..pipelines import DeterministicStep, GuidedModel, RolloutPlan, make_ode_solver, sampling_table, split_prediction
+from ..pipelines import DeterministicStep, GuidedModel, RolloutPlan, split_prediction
 from ..tensors import per_row
 from .advantages import rollout_advantages, zero_std_group_fraction
 from .common import mean_across_processes
@@ -98,17 +98,12 @@ class ForwardRLRecipe(GRPORecipe):
         return self
 
     def _setup_sampling(self) -> None:
-        s = self.cfg.sampler
         if not self.adapter.is_flow:
             raise ConfigError(f"config key 'model': method {self.cfg.method} trains a flow-matching model "
                               f"(SD3/FLUX-style); {self.cfg.model!r} is a {self.adapter.family} model")
+        self._setup_tables()
         self.kind = DeterministicStep(0.0)  # every rollout step runs the ODE solver
-        self.solver = make_ode_solver(s.ode_solver)
-        self.table = sampling_table(self.adapter, s.num_steps, height=s.resolution, width=s.resolution)
-        self.eval_table = None
-        self.step_std = torch.zeros(s.num_steps)
-        self.latent_shape = self.adapter.latent_shape(s.resolution, s.resolution)
-        self.uncond = self.adapter.encode_prompt([""]) if s.cfg and s.guidance_scale > 1.0 else None
+        self.step_std = torch.zeros(self.cfg.sampler.num_steps)
 
     @contextlib.contextmanager
     def sampling_weights(self):
@@ -126,9 +121,9 @@ class ForwardRLRecipe(GRPORecipe):
                 p.data = cur
 
     # ---- the three replaced parts
-    def rollout(self, plan: RolloutPlan) -> StepRollout:
+    def rollout(self, plan: RolloutPlan, pick: list[int]) -> StepRollout:
         with self.sampling_weights():
-            return super().rollout(plan)
+            return super().rollout(plan, pick)
 
     def advantages(self, rolled: StepRollout) -> ImageAdvantages:
         cfg, ro, a = self.cfg, rolled.rollout, self.cfg.advantage

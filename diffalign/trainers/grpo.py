@@ -29,6 +29,7 @@ a higher layer): trainers write data, and this one picture is part of a run's ou
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
@@ -42,7 +43,7 @@ from ..logging import is_quiet
 from ..losses.grpo import gaussian_kl_same_std, grpo_clip_loss, ratio_norm_log_ratio
 from ..pipelines import (
     GuidedModel, Rollout, RolloutPlan, cat_rollouts, full_plan, make_ode_solver, make_step_kind, rollout, sample, sampling_table,
-    split_prediction, tree_plan, window_plan, window_start,
+    split_prediction, time_shift_table, tree_plan, window_plan, window_start,
 )
 from .advantages import rollout_advantages, zero_std_group_fraction
 from .checkpoint import Checkpointer
@@ -146,6 +147,15 @@ class GRPORecipe:
         self.eval_prompts, self.eval_metadata = (load_prompts(cfg.eval.data, "eval.data") if cfg.eval.data
                                                  else (self.prompts, self.metadata))
         self.rewards = [(r.name, r.weight, resolve_reward(r.name, r.args)) for r in cfg.rewards]
+        # eval-only rewards (eval.rewards, the reward-hacking guard): scored beside the training ones
+        train_names = {name for name, _, _ in self.rewards}
+        self.watched = [r.name for r in cfg.eval.rewards]
+        self.watched_rewards = [(r.name, r.weight, resolve_reward(r.name, r.args)) for r in cfg.eval.rewards
+                                if r.name not in train_names]  # a training reward is scored once
+        if cfg.prompt_sampling == "distinct":
+            world = cfg.prompts_per_step * self.accelerator.num_processes
+            check(world <= len(self.prompts), "prompt_sampling",
+                  f"distinct needs prompts_per_step x processes = {world} <= the {len(self.prompts)} prompts")
         self._setup_sampling()
         self.generator = rank_generator(cfg.seed, self.accelerator)  # prompts, noise, subsets: differ per rank
         self.ckpt = Checkpointer(cfg, self.accelerator, self.policy.wrapped, self.optimizer, self.lr_scheduler,
@@ -165,10 +175,8 @@ class GRPORecipe:
 
     def _setup_sampling(self) -> None:
         s = self.cfg.sampler
-        self.kind = make_step_kind(s.step, s.noise_level, self.adapter.is_flow)
-        self.solver = make_ode_solver(s.ode_solver)
-        self.table = sampling_table(self.adapter, s.num_steps, height=s.resolution, width=s.resolution)
-        self.eval_table = None  # built on the first evaluation
+        self._setup_tables()
+        self.kind = make_step_kind(s.step, s.noise_level, self.adapter.is_flow, s.cps_logprob)
         self.step_std = self.kind.std(self.table.coeffs(torch.arange(s.num_steps)))
         if self.cfg.schedule.kind == "tree":
             for b in self.cfg.schedule.tree.branch_steps:
@@ -178,6 +186,17 @@ class GRPORecipe:
         if not any(float(x) > 0 for x in self.step_std):
             raise ConfigError(f"config key 'sampler.noise_level': {self.kind.name} with noise level "
                               f"{self.kind.noise_level} has no stochastic step")
+
+    def _setup_tables(self) -> None:
+        """The ODE solver, the rollout sampling table, the latent shape and the CFG conditioning."""
+        s = self.cfg.sampler
+        self.solver = make_ode_solver(s.ode_solver)
+        if s.sigma_schedule == "time_shift":
+            check(self.adapter.is_flow, "sampler.sigma_schedule", "time_shift is a rectified-flow table (flow models only)")
+            self.table = time_shift_table(s.num_steps, s.shift, self.adapter.num_train_timesteps)
+        else:
+            self.table = sampling_table(self.adapter, s.num_steps, height=s.resolution, width=s.resolution)
+        self.eval_table = None  # built on the first evaluation
         self.latent_shape = self.adapter.latent_shape(s.resolution, s.resolution)
         self.uncond = self.adapter.encode_prompt([""]) if s.cfg and s.guidance_scale > 1.0 else None
 
@@ -191,7 +210,7 @@ class GRPORecipe:
                 timer = Timer()
                 # window positions: a function of (seed, step) alone, identical on all ranks and after a resume
                 plan, plan_info = make_plan(cfg, step - 1, torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
-                rolled = self.rollout(plan)
+                rolled = self.rollout(plan, self.prompt_indices(step))
                 rolled.timings["rollout_seconds"] = timer.lap()
                 adv = self.advantages(rolled)
                 stats = self.update(rolled.model, adv)
@@ -208,10 +227,24 @@ class GRPORecipe:
                 self.executor.shutdown(wait=True)
         return self.finish()
 
-    def rollout(self, plan: RolloutPlan) -> StepRollout:
-        """Roll out this step's prompts batch by batch; score each batch while the next one rolls out."""
+    def prompt_indices(self, step: int) -> list[int]:
+        """This process's ``prompts_per_step`` prompt indices for training step ``step`` (1-based),
+        by ``prompt_sampling``: ``random`` from the rank's generator; ``distinct`` and ``epoch`` from
+        a generator of ``(seed, step or epoch)`` alone, identical on all ranks (each rank takes its
+        slice) and after a resume."""
+        cfg, n = self.cfg, len(self.prompts)
+        if cfg.prompt_sampling == "random":
+            return torch.randint(0, n, (cfg.prompts_per_step,), generator=self.generator).tolist()
+        per, rank, world = cfg.prompts_per_step, self.accelerator.process_index, self.accelerator.num_processes
+        if cfg.prompt_sampling == "distinct":
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * step))
+            return perm[rank * per:(rank + 1) * per].tolist()
+        positions = [((step - 1) * world + rank) * per + i for i in range(per)]
+        return [int(epoch_permutation(cfg.seed, pos // n, n)[pos % n]) for pos in positions]
+
+    def rollout(self, plan: RolloutPlan, pick: list[int]) -> StepRollout:
+        """Roll out prompts ``pick`` batch by batch; score each batch while the next one rolls out."""
         cfg, s, gen = self.cfg, self.cfg.sampler, self.generator
-        pick = torch.randint(0, len(self.prompts), (cfg.prompts_per_step,), generator=gen).tolist()
         prompts = [self.prompts[i] for i in pick]
         meta = [self.metadata[i] for i in pick] if self.metadata else None
         model = GuidedModel(self.adapter, self.adapter.encode_prompt(prompts), self.uncond, s.guidance_scale)
@@ -224,7 +257,8 @@ class GRPORecipe:
             part = rollout(model, self.table, plan, self.kind, noise.to(self.device), pidx.to(self.device),
                            generator=gen, solver=self.solver, reduction=s.logprob_reduction, net=self.policy.module)
             rows = part.prompt_index.tolist()
-            args = (self.adapter, part.final, [prompts[i] for i in rows], [meta[i] for i in rows] if meta else None,
+            scored_latents = part.last_x0 if cfg.reward_on == "x0_last" else part.final
+            args = (self.adapter, scored_latents, [prompts[i] for i in rows], [meta[i] for i in rows] if meta else None,
                     self.rewards)
             pending.append(self.executor.submit(score_images, *args) if self.executor is not None else score_images(*args))
             parts.append(part)
@@ -242,7 +276,7 @@ class GRPORecipe:
                                                      [x.cpu() for x in ro.ancestors], ro.rows_per_depth)
         weights = {r.name: r.weight for r in cfg.rewards}
         per_depth, combined = rollout_advantages(scores, weights, groups, ancestors, a.multi_reward, a.tree, a.std,
-                                                 a.eps, a.clip)
+                                                 a.eps, a.clip, a.std_ddof)
         rank = self.accelerator.process_index
         per_depth = [x[rank * r:(rank + 1) * r] for x, r in zip(per_depth, ro.rows_per_depth)]
         tr = ro.transitions
@@ -250,8 +284,13 @@ class GRPORecipe:
         for d, ad in enumerate(per_depth):
             mask = (tr["depth"] == d).cpu()
             adv[mask] = ad[tr["node"].cpu()[mask]]
-        selected = select_fraction(tr, cfg.schedule.timestep_fraction, self.generator,
-                                   first=cfg.schedule.timestep_selection == "first").to(self.device)
+        sch = cfg.schedule
+        selected = select_fraction(tr, sch.timestep_fraction, self.generator, first=sch.timestep_selection == "first",
+                                   exclude_step=self.table.num_steps - 1 if sch.exclude_last_step else None,
+                                   rounding=sch.timestep_rounding)
+        if a.drop_zero_advantage:  # flow_grpo: samples whose advantages are all zero carry no signal
+            selected = selected[adv[selected] != 0]
+        selected = selected.to(self.device)
         w = step_weights(self.table, tr["step"], tr["std"], cfg.loss.step_weighting)
         return StepAdvantages(Transitions.from_rollout(tr, adv.to(self.device), w), selected, scores, groups, combined)
 
@@ -310,7 +349,7 @@ class GRPORecipe:
             with torch.no_grad():
                 ref_out = self.policy.reference_output(self.adapter, model, batch.x, batch.timestep, batch.prompt)
                 ref_mean = self._step_mean(ref_out, batch.x, co)
-            kl = gaussian_kl_same_std(mean, ref_mean, std, reduction)
+            kl = gaussian_kl_same_std(mean, ref_mean, self.kind.kl_std(co, lo.kl_form), reduction)
         log_ratio = ratio_norm_log_ratio(log_prob, batch.log_prob, mean, batch.mean, std, reduction) if lo.ratio_norm else None
         loss, metrics = grpo_clip_loss(log_prob, batch.log_prob, batch.advantage, lo.clip_range, log_ratio=log_ratio,
                                        weights=batch.weight, kl=kl, kl_beta=lo.kl_beta)
@@ -331,7 +370,9 @@ class GRPORecipe:
         return ev.every >= 0 and ev.num_prompts > 0 and (step == self.cfg.max_steps or (ev.every > 0 and step % ev.every == 0))
 
     def evaluate(self, prompts: list[str], metadata: list[dict] | None) -> dict[str, float]:
-        """ODE samples of the first ``eval.num_prompts`` prompts with fixed noise; mean rewards."""
+        """ODE samples of the first ``eval.num_prompts`` prompts with fixed noise; mean rewards:
+        ``eval_reward_mean`` (the weighted training reward), ``eval_reward/NAME`` per training reward
+        when there are several, and always for every ``eval.rewards`` reward (watched, not trained)."""
         cfg = self.cfg
         if self.eval_table is None:
             self.eval_table = sampling_table(self.adapter, cfg.sampler.eval_num_steps,
@@ -344,10 +385,11 @@ class GRPORecipe:
         noise = torch.randn((n, *self.latent_shape), generator=g).to(self.adapter.device)
         final = sample(model, self.eval_table, noise, torch.arange(n, device=self.adapter.device), solver=self.solver,
                        net=self.policy.module)
-        scores = score_images(self.adapter, final, prompts, meta, self.rewards)
+        scores = score_images(self.adapter, final, prompts, meta, self.rewards + self.watched_rewards)
         out = {"eval_reward_mean": float(sum(w * scores[name] for name, w, _ in self.rewards).mean())}
         if len(self.rewards) > 1:
             out.update({f"eval_reward/{name}": float(scores[name].mean()) for name, _, _ in self.rewards})
+        out.update({f"eval_reward/{name}": float(scores[name].mean()) for name in self.watched})
         return out
 
     def metrics(self, step: int, plan: RolloutPlan, plan_info: dict, rolled: StepRollout, adv: StepAdvantages,
@@ -394,7 +436,7 @@ class GRPORecipe:
             rows = ([json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
                     if metrics_path.is_file() else [])
             if rows:
-                save_reward_curve(rows, out / "reward_curve.png")
+                save_reward_curve(rows, out / "reward_curve.png", self.watched)
         info = save_final(self.cfg, self.accelerator, self.adapter, self.policy.wrapped, self.logger.last, "grpo")
         self.accelerator.end_training()
         return {"final": self.logger.last, "history": self.history, **info}
@@ -419,26 +461,48 @@ def make_plan(cfg: GRPOConfig, iteration: int, generator: torch.Generator) -> tu
     return tree_plan(s.num_steps, t.branch_steps, t.branch_factor, t.sde_between), {}
 
 
-def select_fraction(trans: dict, fraction: float, generator: torch.Generator, first: bool = False) -> torch.Tensor:
-    """Indices of a ``fraction`` of each row's transitions: a random ``round(n * fraction)`` of
-    them (DanceGRPO's timestep fraction), or with ``first`` the earliest ``int(n * fraction)`` in
-    sampling order (flow_grpo's). A row is a tree node segment ``(depth, node)``; at least one
-    transition per row is kept.
+def select_fraction(trans: dict, fraction: float, generator: torch.Generator, first: bool = False,
+                    exclude_step: int | None = None, rounding: str | None = None) -> torch.Tensor:
+    """Indices of a ``fraction`` of each row's transitions: a random subset (DanceGRPO's timestep
+    fraction), or with ``first`` the earliest in sampling order (flow_grpo's). A row is a tree node
+    segment ``(depth, node)``; at least one transition per row is kept.
+
+    ``exclude_step``: transitions at this step index are never selected and the fraction applies to
+    the rest (``schedule.exclude_last_step``: DanceGRPO trains a random ``int((N - 1) f)`` of steps
+    ``0..N-2``). ``rounding`` of a row's ``n * fraction``: ``floor`` (``int()``, as flow_grpo and
+    DanceGRPO; computed in float64 like Python, so ``int(10 * 0.9) = 9``) or ``round``; None: floor
+    with ``first``, round otherwise.
     """
     n = trans["log_prob"].shape[0]
+    cand = torch.arange(n)
+    if exclude_step is not None:
+        cand = cand[trans["step"].cpu() != exclude_step]
     if fraction >= 1.0:
-        return torch.arange(n)
-    row = (trans["depth"].cpu() * (int(trans["node"].max()) + 1) + trans["node"].cpu())
-    key = trans["step"].cpu().float() if first else torch.rand(n, generator=generator)
+        return cand
+    m = cand.shape[0]
+    if m == 0:
+        return cand
+    row = (trans["depth"].cpu() * (int(trans["node"].max()) + 1) + trans["node"].cpu())[cand]
+    key = trans["step"].cpu()[cand].float() if first else torch.rand(m, generator=generator)
     order = torch.argsort(key, stable=True)
     order = order[torch.argsort(row[order], stable=True)]
     sorted_rows = row[order]
     _, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(n) - torch.repeat_interleave(starts, counts)
-    kept = (counts.float() * fraction).floor() if first else (counts.float() * fraction).round()
+    rank = torch.arange(m) - torch.repeat_interleave(starts, counts)
+    if (rounding or ("floor" if first else "round")) == "floor":
+        kept = (counts.double() * fraction).floor()
+    else:
+        kept = (counts.float() * fraction).round()
     keep_n = torch.repeat_interleave(torch.clamp(kept.long(), min=1), counts)
-    return torch.sort(order[rank < keep_n]).values
+    return torch.sort(cand[order[rank < keep_n]]).values
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """``prompt_sampling: epoch``: the prompt order of pass ``epoch`` over ``n`` prompts (a function
+    of ``seed`` and ``epoch`` alone, so every rank and a resumed run see the same order)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + 104_729 * (epoch + 1)))
 
 
 def initial_noise(prompts: int, per_prompt: int, shape, shared: bool, generator: torch.Generator) -> torch.Tensor:
@@ -474,16 +538,32 @@ def gather_leaf_data(accelerator, scores: dict[str, torch.Tensor], groups: torch
     return g_scores, g_groups, g_anc
 
 
-def save_reward_curve(history: list[dict], path: Path) -> None:
-    """``reward_curve.png``: train reward mean +- std per step, and the eval reward."""
+def save_reward_curve(history: list[dict], path: Path, watched: list[str] | tuple[str, ...] = ()) -> None:
+    """``reward_curve.png``: train reward mean +- std per step, and the eval reward; with ``watched``
+    (the ``eval.rewards`` names) a second panel beside it: each watched reward's eval value minus its
+    first one (rewards live on different scales), so a training reward that rises while a watched
+    one falls — reward hacking — shows at a glance."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     num = lambda v: isinstance(v, (int, float))  # noqa: E731 - NaN/inf are logged as strings
+    rows = history
     history = [h for h in history if num(h.get("reward_mean")) and num(h.get("reward_std"))]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    if watched:
+        fig, (ax, ax_w) = plt.subplots(1, 2, figsize=(11, 4))
+        for name in watched:
+            pts = [(h["step"], h[f"eval_reward/{name}"]) for h in rows if num(h.get(f"eval_reward/{name}"))]
+            if pts:
+                ax_w.plot([p[0] for p in pts], [p[1] - pts[0][1] for p in pts], "o-", label=name)
+        ax_w.axhline(0.0, color="grey", lw=0.5)
+        ax_w.set_xlabel("step")
+        ax_w.set_ylabel("change since first eval")
+        ax_w.set_title("watched rewards (eval.rewards, not trained)")
+        ax_w.legend()
+    else:
+        fig, ax = plt.subplots(figsize=(6, 4))
     steps = [h["step"] for h in history]
     mean = [h["reward_mean"] for h in history]
     std = [h["reward_std"] for h in history]

@@ -13,13 +13,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import BaseTrainConfig, check
-from ..losses.grpo import REDUCTIONS
-from ..pipelines import ODE_SOLVERS, STEP_KINDS
+from ..losses.grpo import KL_FORMS, LOG_PROB_FORMS, REDUCTIONS
+from ..pipelines import ODE_SOLVERS, SIGMA_SCHEDULES, STEP_KINDS
 from .advantages import MULTI_REWARD_MODES, STD_MODES, TREE_MODES
 
 SCHEDULE_KINDS = ("full", "window", "tree")
 WINDOW_MODES = ("slide", "random")
 STEP_WEIGHTINGS = ("none", "noise", "inverse_dt")
+TIMESTEP_ROUNDINGS = ("round", "floor")
+REWARD_ON = ("final", "x0_last")
+PROMPT_SAMPLINGS = ("random", "distinct", "epoch")
 
 
 @dataclass
@@ -46,6 +49,15 @@ class SamplerOptions:
     shared_noise: bool = False
     # mean | sum over latent elements (rollout, loss and KL alike)
     logprob_reduction: str = "mean"
+    # the log-prob of step: cps: gaussian (the exact Gaussian density) | flow_grpo (flow_grpo's CPS
+    # convention -(x - mean)^2, no 1/(2 std^2) and no normaliser: its clip range 1e-5 assumes it)
+    cps_logprob: str = "gaussian"
+    # training rollouts' sigma table (flow models): scheduler (the checkpoint scheduler's shifted
+    # table, the pipeline's default sampler; flow_grpo) | time_shift (DanceGRPO, MixGRPO, BranchGRPO:
+    # shift * u / (1 + (shift - 1) u) on u = linspace(1, 0, num_steps + 1)). Evaluation keeps the scheduler's
+    sigma_schedule: str = "scheduler"
+    # sigma_schedule: time_shift: the shift (DanceGRPO, MixGRPO, BranchGRPO: 3)
+    shift: float = 3.0
 
 
 @dataclass
@@ -87,8 +99,15 @@ class ScheduleOptions:
     # train on a fraction of each row's stochastic steps (DanceGRPO 0.6, flow_grpo 0.99)
     timestep_fraction: float = 1.0
     # which steps that fraction keeps: random (DanceGRPO: a random subset per row, round(N * f)) |
-    # first (flow_grpo: the first int(N * f) steps of the trajectory, in sampling order)
+    # first (flow_grpo's train_sd3.py: the first int(N * f) steps of the trajectory, in sampling order;
+    # with f < 1 that never includes the last step)
     timestep_selection: str = "random"
+    # never train the last sampling step (sigma_next = 0); the fraction applies to the other steps of
+    # each row. DanceGRPO: true with random and floor (a random int((N - 1) * f) of steps 0..N-2)
+    exclude_last_step: bool = False
+    # how many of a row's n candidate steps the fraction keeps: round (n * f rounded) | floor
+    # (int(n * f): flow_grpo and DanceGRPO); null: round for random, floor for first. At least one
+    timestep_rounding: str | None = None
     # kind: window
     window: WindowOptions = field(default_factory=WindowOptions)
     # kind: tree
@@ -101,8 +120,14 @@ class AdvantageOptions:
 
     # normalise by the std of: group | global | none
     std: str = "group"
-    # added to the std
+    # added to the std (flow_grpo 1e-4; DanceGRPO, MixGRPO, BranchGRPO 1e-8)
     eps: float = 1e-4
+    # std divisor n - ddof: 0 population std (flow_grpo's np.std) | 1 unbiased (torch.std: DanceGRPO,
+    # MixGRPO, BranchGRPO; sqrt(n / (n - 1)) larger)
+    std_ddof: int = 0
+    # train only on transitions whose advantage is nonzero (flow_grpo drops samples whose advantages
+    # are all zero, e.g. groups with equal rewards, before the update)
+    drop_zero_advantage: bool = False
     # clamp |A| (Flow-GRPO's adv_clip_max); null: no clamp
     clip: float | None = 5.0
     # several rewards: weighted_sum | sum_of_advantages (DanceGRPO)
@@ -119,6 +144,10 @@ class GRPOLossOptions:
     clip_range: float = 1e-4
     # weight of the closed-form KL to the reference (LoRA disabled)
     kl_beta: float = 0.0
+    # the KL's divisor (diffalign.losses.grpo.gaussian_kl_same_std): gaussian (the step's true std;
+    # exact KL) | flow_grpo (flow_grpo's train_sd3.py: the diffusion coefficient without sqrt(ds), so
+    # 1/ds smaller per SDE step: a kl_beta from the Flow-GRPO paper means this form)
+    kl_form: str = "gaussian"
     # GRPO-Guard's RatioNorm of the log-ratio
     ratio_norm: bool = False
     # none | noise (TempFlow: ~ step std) | inverse_dt (GRPO-Guard: ~ 1/ds)
@@ -151,6 +180,9 @@ class EvalOptions:
     seed: int = 1234
     # prompt file (.txt/.json/.jsonl/.csv) to evaluate on; null: the training prompts
     data: str | None = None
+    # rewards watched at evaluation besides the training ones (a reward-hacking guard, e.g. train on
+    # pickscore, watch hpsv2 and aesthetic): logged as eval_reward/NAME, plotted in reward_curve.png
+    rewards: list[RewardSpec] = field(default_factory=list)
 
 
 @dataclass
@@ -178,6 +210,13 @@ class GRPOConfig(BaseTrainConfig):
     train_batch_size: int | None = None
     # score rewards on this many threads, overlapping the next rollout (0: inline)
     reward_threads: int = 1
+    # what is decoded and scored: final (the rollout's final latent) | x0_last (the model's x0-prediction
+    # at the last step: DanceGRPO, BranchGRPO)
+    reward_on: str = "final"
+    # the step's prompts: random (independent draws, with replacement) | distinct (flow_grpo's
+    # DistributedKRepeatSampler: a fresh permutation each step, distinct prompts over all processes) |
+    # epoch (DanceGRPO's DistributedSampler: walk through a shuffled prompt list, reshuffled each epoch)
+    prompt_sampling: str = "random"
     sampler: SamplerOptions = field(default_factory=SamplerOptions)
     schedule: ScheduleOptions = field(default_factory=ScheduleOptions)
     advantage: AdvantageOptions = field(default_factory=AdvantageOptions)
@@ -196,6 +235,8 @@ class GRPOConfig(BaseTrainConfig):
         _validate_sampler(self.sampler)
         _validate_schedule(self)
         _validate_advantage_and_loss(self.advantage, self.loss)
+        check(not (self.loss.ratio_norm and self.sampler.cps_logprob == "flow_grpo"), "loss.ratio_norm",
+              "RatioNorm's bias term assumes the Gaussian log-prob: use sampler.cps_logprob=gaussian with it")
         _validate_rewards_and_eval(self)
 
 
@@ -225,6 +266,11 @@ def _validate_sampler(s: SamplerOptions) -> None:
     check(s.ode_solver in ODE_SOLVERS, "sampler.ode_solver", f"must be one of {', '.join(ODE_SOLVERS)}")
     check(s.resolution >= 8 and s.resolution % 8 == 0, "sampler.resolution", "must be a positive multiple of 8")
     check(s.logprob_reduction in REDUCTIONS, "sampler.logprob_reduction", "must be mean or sum")
+    check(s.cps_logprob in LOG_PROB_FORMS, "sampler.cps_logprob", f"must be one of {', '.join(LOG_PROB_FORMS)}")
+    check(s.cps_logprob == "gaussian" or s.step == "cps", "sampler.cps_logprob",
+          "flow_grpo is flow_grpo's convention for sampler.step=cps only")
+    check(s.sigma_schedule in SIGMA_SCHEDULES, "sampler.sigma_schedule", f"must be one of {', '.join(SIGMA_SCHEDULES)}")
+    check(s.shift > 0, "sampler.shift", "must be > 0")
 
 
 def _validate_schedule(c: GRPOConfig) -> None:
@@ -232,6 +278,8 @@ def _validate_schedule(c: GRPOConfig) -> None:
     check(sch.kind in SCHEDULE_KINDS, "schedule.kind", "must be full, window or tree")
     check(0 < sch.timestep_fraction <= 1, "schedule.timestep_fraction", "must be in (0, 1]")
     check(sch.timestep_selection in ("random", "first"), "schedule.timestep_selection", "must be random or first")
+    check(sch.timestep_rounding is None or sch.timestep_rounding in TIMESTEP_ROUNDINGS, "schedule.timestep_rounding",
+          "must be round, floor or null")
     if sch.kind == "window":
         w = sch.window
         check(1 <= w.size <= n, "schedule.window.size",
@@ -261,6 +309,8 @@ def _validate_advantage_and_loss(a: AdvantageOptions, lo: GRPOLossOptions) -> No
     check(a.clip is None or a.clip > 0, "advantage.clip", "must be > 0 or null")
     check(a.multi_reward in MULTI_REWARD_MODES, "advantage.multi_reward", f"must be one of {', '.join(MULTI_REWARD_MODES)}")
     check(a.tree in TREE_MODES, "advantage.tree", f"must be one of {', '.join(TREE_MODES)}")
+    check(a.std_ddof in (0, 1), "advantage.std_ddof", "must be 0 (population std) or 1 (unbiased)")
+    check(lo.kl_form in KL_FORMS, "loss.kl_form", f"must be one of {', '.join(KL_FORMS)}")
     check(lo.clip_range > 0, "loss.clip_range", "must be > 0")
     check(lo.kl_beta >= 0, "loss.kl_beta", "must be >= 0")
     check(lo.step_weighting in STEP_WEIGHTINGS, "loss.step_weighting", "must be none, noise or inverse_dt")
@@ -272,5 +322,10 @@ def _validate_rewards_and_eval(c: GRPOConfig) -> None:
         check(bool(r.name), f"rewards[{i}].name", "must be a reward name")
         check(math.isfinite(r.weight), f"rewards[{i}].weight", "must be a finite number")
     check(len({r.name for r in c.rewards}) == len(c.rewards), "rewards", "names must be unique")
+    for i, r in enumerate(c.eval.rewards):
+        check(bool(r.name), f"eval.rewards[{i}].name", "must be a reward name")
+    check(len({r.name for r in c.eval.rewards}) == len(c.eval.rewards), "eval.rewards", "names must be unique")
+    check(c.reward_on in REWARD_ON, "reward_on", f"must be one of {', '.join(REWARD_ON)}")
+    check(c.prompt_sampling in PROMPT_SAMPLINGS, "prompt_sampling", f"must be one of {', '.join(PROMPT_SAMPLINGS)}")
     check(c.eval.every >= -1, "eval.every", "must be >= -1")
     check(c.eval.num_prompts >= 0, "eval.num_prompts", "must be >= 0")
