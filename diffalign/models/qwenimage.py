@@ -140,6 +140,14 @@ class QwenImageAdapter(FlowMatchAdapter):
         guided = guided * (c.norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True))
         return unpack_latents(guided, h, w)
 
+    @classmethod
+    def pipeline_guidance_kwargs(cls, scale: float, batch_size: int) -> dict:
+        """``QwenImagePipeline`` ignores ``guidance_scale`` (guidance-distilled variants only); its CFG is
+        ``true_cfg_scale`` and runs only with a negative prompt: the empty one, as in training."""
+        if scale <= 1.0:
+            return {"true_cfg_scale": 1.0}
+        return {"true_cfg_scale": scale, "negative_prompt": [""] * batch_size}
+
     # ----------------------------------------------------------------------- sampling
     def set_timesteps_kwargs(self, num_steps: int, height: int | None, width: int | None) -> dict:
         """The pipeline's ``sigmas = linspace(1, 1/N, N)`` and ``mu = calculate_shift(image tokens)``;
