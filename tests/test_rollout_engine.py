@@ -207,3 +207,27 @@ def test_ode_sampling_matches_diffusers_qwenimage_pipeline(tiny):
                                           "guide": staticmethod(lambda c_, u_, s_: u_ + s_ * (c_ - u_))})()
     other = sample(plain, sampling_table(adapter, 5, height=32, width=32), noise, torch.tensor([0, 1]))
     assert not torch.allclose(other, ours, atol=1e-3)
+
+
+def test_qwenimage_schedule_follows_the_image_size_as_its_pipeline_does(tiny):
+    """Dynamic shifting: ``mu`` grows with the image token count (Qwen-Image: 0.5 at 256 tokens to 0.9 at
+    8192); the table at 128 px (32 x 32 = 1024 tokens) is the pipeline's own sigmas at that size."""
+    import math
+
+    adapter = tiny("qwenimage")
+    pipe = adapter.pipe
+    size = 128
+    pipe(prompt=PROMPTS[:1], true_cfg_scale=1.0, num_inference_steps=4, height=size, width=size, output_type="latent",
+         generator=torch.Generator().manual_seed(0))
+    table = sampling_table(adapter, 4, height=size, width=size)
+    torch.testing.assert_close(table.sigma, pipe.scheduler.sigmas[:-1].float())
+    torch.testing.assert_close(table.timesteps, pipe.scheduler.timesteps.float())
+    # independently: mu on the line through (256, 0.5) and (8192, 0.9), exponential time shift of the
+    # first non-trivial sigma (3/4), then shift_terminal=0.02 stretches the tail so the last sigma is 0.02
+    mu = 0.5 + (0.9 - 0.5) * (1024 - 256) / (8192 - 256)
+    shifted = [math.exp(mu) / (math.exp(mu) + (1 / s - 1)) for s in (1.0, 0.75, 0.5, 0.25)]
+    one_minus = [1 - s for s in shifted]
+    stretched = [1 - z * (1 - 0.02) / one_minus[-1] for z in one_minus]
+    torch.testing.assert_close(table.sigma, torch.tensor(stretched), rtol=1e-5, atol=1e-5)
+    small = sampling_table(adapter, 4, height=32, width=32)
+    assert (table.sigma[1:-1] > small.sigma[1:-1]).all()  # more tokens: more time at high noise (both end at 0.02)
