@@ -21,6 +21,7 @@ directory that ``DiffusionPipeline.from_pretrained(dir)`` loads offline, in seco
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -49,10 +50,9 @@ _WORDS = (
 def tiny_qwen2_tokenizer(template: str, save_dir: str | os.PathLike | None = None):
     """A ``Qwen2Tokenizer`` whose BPE merges are learnt from ``template`` (the pipeline's prompt
     template) and common caption words: a few hundred tokens, any string still tokenizes (bytes)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-    from tokenizers import Regex
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
@@ -66,8 +66,6 @@ def tiny_qwen2_tokenizer(template: str, save_dir: str | os.PathLike | None = Non
     trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(corpus, trainer)
-    import json
-
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, model_max_length=32768)
