@@ -22,7 +22,7 @@ def _cfg(model, data, tmp_path, *extra):
                        f"data_opts.cache_dir={tmp_path / 'cache'}", "data_opts.random_flip=true", *extra])
 
 
-@pytest.mark.parametrize("kind", ["sd15", "sd3"])
+@pytest.mark.parametrize("kind", ["sd15", "sd3", "qwenimage"])
 def test_cached_and_uncached_losses_match(tiny_model, toy_pairs, tmp_path, kind):
     cfg = _cfg(tiny_model(kind), toy_pairs, tmp_path)
     adapter = load_adapter(cfg.model, cfg.model_opts)

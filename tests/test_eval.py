@@ -67,6 +67,28 @@ def test_eval_reproducible_and_outputs(tiny_model, tmp_path, prompts_file):
     assert json.loads((tmp_path / "a" / "summary.json").read_text())["rewards"]["jpeg"]["n"] == 4
 
 
+def test_eval_sampling_applies_each_familys_guidance(tiny_model):
+    """Qwen-Image's pipeline ignores ``guidance_scale``: eval must run its true CFG (with the empty
+    negative prompt), the same guided sampler the rollout engine uses."""
+    import torch
+
+    from diffalign.eval.generate import generate, load_pipeline
+    from diffalign.models import load_adapter
+    from diffalign.pipelines import GuidedModel, sample, sampling_table
+
+    pipe = load_pipeline(tiny_model("qwenimage"))
+    guided = generate(pipe, PROMPTS, [0, 1], steps=3, guidance=4.5, resolution=32)
+    unguided = generate(pipe, PROMPTS, [0, 1], steps=3, guidance=1.0, resolution=32)
+    adapter = load_adapter(tiny_model("qwenimage"))
+    # the pipeline draws each image's noise as one [1, 1 frame, C, h, w] tensor from its generator, then packs it
+    noise = torch.stack([torch.randn((1, 1, *adapter.latent_shape(32, 32)), generator=torch.Generator().manual_seed(s))[0, 0]
+                         for s in (0, 1)])
+    model = GuidedModel(adapter, adapter.encode_prompt(PROMPTS), adapter.encode_prompt([""]), 4.5)
+    ours = adapter.decode_latents(sample(model, sampling_table(adapter, 3, height=32, width=32), noise, torch.tensor([0, 1])))
+    torch.testing.assert_close(ours, guided, rtol=0, atol=2e-5)
+    assert float((unguided - guided).abs().max()) > 1e-4  # (the tiny model's text barely steers it)
+
+
 def test_prompt_resolution(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="local prompt file"):

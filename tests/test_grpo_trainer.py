@@ -61,9 +61,10 @@ def test_on_policy_log_probs_dit_ratio_norm_and_epochs(tiny, tmp_path):
         assert 0.0 <= r["clip_fraction"] <= 1.0
 
 
+@pytest.mark.parametrize("kind", ["sd", "qwenimage"])  # sd: sd15 for mixgrpo (DDIM-eta windows), sd3 otherwise
 @pytest.mark.parametrize("config", ["mixgrpo.yaml", "branchgrpo.yaml", "dancegrpo.yaml"])
-def test_variant_configs_run(tiny, tmp_path, config):
-    model = tiny("sd3") if config != "mixgrpo.yaml" else tiny("sd15")
+def test_variant_configs_run(tiny, tmp_path, config, kind):
+    model = tiny(kind) if kind != "sd" else tiny("sd3") if config != "mixgrpo.yaml" else tiny("sd15")
     steps = "sampler.num_steps=4" if config == "mixgrpo.yaml" else "sampler.num_steps=5"
     _, rows = run(model, tmp_path, config, "max_steps=2", "prompts_per_step=2", "eval.num_prompts=2", "sampler.eval_num_steps=4",
                   steps)
@@ -74,6 +75,30 @@ def test_variant_configs_run(tiny, tmp_path, config):
     if config == "dancegrpo.yaml":
         assert rows[0]["transitions"] == 8 * 3  # 60% of 5 steps for each of the 8 samples
         assert "reward/redness" in rows[0] and "reward/contrast" in rows[0]
+
+
+@pytest.mark.parametrize("step", ["flow_sde", "cps", "dance"])
+def test_qwenimage_grpo_per_step_kind_saves_a_lora_its_pipeline_loads(tiny, tmp_path, step):
+    """True CFG in rollout and training: recomputed == recorded log-probs; the LoRA saved by a GRPO run
+    loads through ``QwenImagePipeline.load_lora_weights`` without missing keys and changes its output."""
+    import warnings
+
+    from diffusers import DiffusionPipeline
+
+    model = tiny("qwenimage")
+    _, rows = run(model, tmp_path, "grpo.yaml", *SMALL, f"sampler.step={step}", "optim.learning_rate=3e-2")
+    assert all(r["logprob_mismatch"] < 1e-4 for r in rows) and rows[-1]["transitions"] > 0
+
+    def sample(pipe):
+        return pipe("a red apple", negative_prompt="", true_cfg_scale=4.5, num_inference_steps=3, height=32, width=32,
+                    output_type="pt", generator=torch.Generator().manual_seed(0)).images
+
+    pipe = DiffusionPipeline.from_pretrained(model)
+    before = sample(pipe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # peft warns when saved keys miss targets
+        pipe.load_lora_weights(str(tmp_path))
+    assert (sample(pipe) - before).abs().max() > 1e-4
 
 
 def test_reward_scoring_overlaps_next_rollout(tiny, tmp_path, monkeypatch):

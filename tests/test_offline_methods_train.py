@@ -1,5 +1,5 @@
 """Each tiny config of the offline method breadth trains 2 steps end to end through
-``diffalign.trainers.train`` on one shared tiny SD1.5 model and toy data, and writes a loadable LoRA."""
+``diffalign.trainers.train`` on shared tiny SD1.5 and Qwen-Image models and toy data, and writes a loadable LoRA."""
 
 import dataclasses
 import json
@@ -34,14 +34,16 @@ CASES = [  # (config, data, extra overrides, metric that must be logged)
     ("ipo", "pairs", [], "target_margin"),
     ("copg", "pairs", [], "reward_gap"),
     ("inpo", "pairs", [], "reward_margin"),
+    ("sft", "pairs", [], "loss"),
 ]
 
 
+@pytest.mark.parametrize("kind", ["sd15", "qwenimage"])
 @pytest.mark.parametrize("method,data,extra,metric", CASES, ids=[f"{c[0]}-{c[1]}{'-' + c[2][0] if c[2] else ''}" for c in CASES])
-def test_tiny_config_trains(tiny_model, toy_pairs, captions, tmp_path, method, data, extra, metric):
+def test_tiny_config_trains(tiny_model, toy_pairs, captions, tmp_path, method, data, extra, metric, kind):
     source = toy_pairs if data == "pairs" else captions[data]
     cfg = load_config(ROOT / f"diffalign/configs/tiny/{method}.yaml", [
-        f"model={tiny_model('sd15')}", f"data={source}", f"output_dir={tmp_path}", "max_steps=2", "batch_size=2", *extra])
+        f"model={tiny_model(kind)}", f"data={source}", f"output_dir={tmp_path}", "max_steps=2", "batch_size=2", *extra])
     torch.manual_seed(0)
     result = train(cfg)
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -73,7 +73,8 @@ def test_cfg_is_one_batched_forward_per_step(tiny, kind):
     assert no_cfg.batches == [4, 4, 4]
 
 
-@pytest.mark.parametrize("kind,step", [("sd15", "ddim"), ("sd21", "ddim"), ("sd3", "flow_sde"), ("sd3", "cps"), ("sd3", "dance"), ("sd15", "flow_sde")])
+@pytest.mark.parametrize("kind,step", [("sd15", "ddim"), ("sd21", "ddim"), ("sd3", "flow_sde"), ("sd3", "cps"), ("sd3", "dance"), ("sd15", "flow_sde"),
+                                       ("qwenimage", "flow_sde"), ("qwenimage", "cps"), ("qwenimage", "dance")])
 def test_recorded_log_probs_match_recomputation(tiny, kind, step):
     """Every recorded transition: fp32 log-prob, recomputed by a fresh (differently batched) forward."""
     adapter = tiny(kind)
@@ -182,3 +183,51 @@ def test_ode_sampling_matches_diffusers_sd3_pipeline(tiny):
                        output_type="latent").images
     ours = sample(_model(adapter), sampling_table(adapter, 5), noise, torch.tensor([0, 1]))
     torch.testing.assert_close(ours, ref.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_ode_sampling_matches_diffusers_qwenimage_pipeline(tiny):
+    """True CFG with the empty negative prompt (and the pipeline's norm rescale), dynamic-shift sigmas at
+    32 px; the pipeline samples packed 2x2-patch tokens, the engine unpacked latents."""
+    adapter = tiny("qwenimage")
+    noise = _noise(adapter, 2, seed=8)
+    c, h, w = noise.shape[1:]
+
+    def packed(x):  # [B, C, h, w] -> [B, h/2 * w/2, 4C], channel-major within each 2x2 patch
+        return x.view(2, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, h * w // 4, 4 * c)
+
+    for scale in (4.5, 1.0):  # 1.0: the pipeline runs no negative branch
+        ref = adapter.pipe(prompt=PROMPTS, negative_prompt="" if scale > 1 else None, true_cfg_scale=scale, num_inference_steps=5,
+                           latents=packed(noise).clone(), height=32, width=32, output_type="latent").images
+        ours = sample(_model(adapter, cfg=scale > 1, scale=scale), sampling_table(adapter, 5, height=32, width=32), noise,
+                      torch.tensor([0, 1]))
+        torch.testing.assert_close(packed(ours), ref.float(), rtol=1e-4, atol=1e-4)
+    # the rescale matters: plain CFG lands elsewhere
+    plain = GuidedModel(adapter, adapter.encode_prompt(PROMPTS), adapter.encode_prompt([""]), 4.5)
+    plain.adapter = type("PlainCFG", (), {"predict": adapter.predict,
+                                          "guide": staticmethod(lambda c_, u_, s_: u_ + s_ * (c_ - u_))})()
+    other = sample(plain, sampling_table(adapter, 5, height=32, width=32), noise, torch.tensor([0, 1]))
+    assert not torch.allclose(other, ours, atol=1e-3)
+
+
+def test_qwenimage_schedule_follows_the_image_size_as_its_pipeline_does(tiny):
+    """Dynamic shifting: ``mu`` grows with the image token count (Qwen-Image: 0.5 at 256 tokens to 0.9 at
+    8192); the table at 128 px (32 x 32 = 1024 tokens) is the pipeline's own sigmas at that size."""
+    import math
+
+    adapter = tiny("qwenimage")
+    pipe = adapter.pipe
+    size = 128
+    pipe(prompt=PROMPTS[:1], true_cfg_scale=1.0, num_inference_steps=4, height=size, width=size, output_type="latent",
+         generator=torch.Generator().manual_seed(0))
+    table = sampling_table(adapter, 4, height=size, width=size)
+    torch.testing.assert_close(table.sigma, pipe.scheduler.sigmas[:-1].float())
+    torch.testing.assert_close(table.timesteps, pipe.scheduler.timesteps.float())
+    # independently: mu on the line through (256, 0.5) and (8192, 0.9), exponential time shift of the
+    # first non-trivial sigma (3/4), then shift_terminal=0.02 stretches the tail so the last sigma is 0.02
+    mu = 0.5 + (0.9 - 0.5) * (1024 - 256) / (8192 - 256)
+    shifted = [math.exp(mu) / (math.exp(mu) + (1 / s - 1)) for s in (1.0, 0.75, 0.5, 0.25)]
+    one_minus = [1 - s for s in shifted]
+    stretched = [1 - z * (1 - 0.02) / one_minus[-1] for z in one_minus]
+    torch.testing.assert_close(table.sigma, torch.tensor(stretched), rtol=1e-5, atol=1e-5)
+    small = sampling_table(adapter, 4, height=32, width=32)
+    assert (table.sigma[1:-1] > small.sigma[1:-1]).all()  # more tokens: more time at high noise (both end at 0.02)

@@ -46,7 +46,7 @@ def _run(method, model, data, out, steps, *extra):
     return cfg, train(cfg)
 
 
-@pytest.mark.parametrize("kind", ["sd15", "sd3"])
+@pytest.mark.parametrize("kind", ["sd15", "sd3", "qwenimage"])
 @pytest.mark.parametrize("method,extra", [("dpo", ()), ("mapo", ())])
 def test_preference_training_learns_the_preference(tiny_model, small_pairs, tmp_path, kind, method, extra):
     model = tiny_model(kind)

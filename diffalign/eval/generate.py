@@ -163,9 +163,11 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, 
         max_sequence_length = zero_t5_tokens(pipe)
     if max_sequence_length:
         kwargs.update(max_sequence_length=int(max_sequence_length))
+    from ..models import PIPELINES
+
+    kwargs.update(PIPELINES[type(pipe).__name__].pipeline_guidance_kwargs(float(guidance), len(prompts)))
     with torch.inference_mode():
-        out = pipe(prompt=list(prompts), num_inference_steps=int(steps), guidance_scale=float(guidance),
-                   generator=gens, output_type="pt", **kwargs)
+        out = pipe(prompt=list(prompts), num_inference_steps=int(steps), generator=gens, output_type="pt", **kwargs)
     return out.images.float().clamp(0, 1).cpu()
 
 

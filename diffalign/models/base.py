@@ -293,6 +293,17 @@ class DiffusionAdapter:
     def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor, cond: Cond, denoiser: Any = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def guide(self, cond_out: torch.Tensor, uncond_out: torch.Tensor, scale: float) -> torch.Tensor:
+        """Classifier-free guidance of one step: ``uncond + scale * (cond - uncond)``. A family whose
+        pipeline combines the two predictions otherwise (Qwen-Image's norm rescale) overrides this."""
+        return uncond_out + scale * (cond_out - uncond_out)
+
+    @classmethod
+    def pipeline_guidance_kwargs(cls, scale: float, batch_size: int) -> dict:
+        """Keyword arguments of the family's diffusers pipeline call for classifier-free guidance at
+        ``scale`` over ``batch_size`` prompts (``diffalign eval`` samples through the pipeline)."""
+        return {"guidance_scale": scale}
+
     def sampling_schedule(self, num_steps: int, height: int | None = None, width: int | None = None) -> SamplingSchedule:
         """The ``num_steps``-step sampling schedule of this checkpoint (CPU tensors), as the family's
         diffusers pipeline would sample at ``height`` x ``width`` pixels (None: the size does not

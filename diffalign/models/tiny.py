@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .tiny_qwenimage import build_qwenimage
+
 TINY_TEXT_DIM = 32
 TINY_MAX_LENGTH = 77
 
@@ -269,6 +271,7 @@ BUILDERS = {
     "sd21": lambda out, seed=0: build_sd15(out, seed, prediction_type="v_prediction"),
     "sdxl": build_sdxl,
     "sd3": build_sd3,
+    "qwenimage": build_qwenimage,
 }
 
 

@@ -69,7 +69,7 @@ class GuidedModel:
         both = cat_cond(cond, repeat_cond(self.uncond, n))
         out = self.adapter.predict(torch.cat([x, x]), torch.cat([t, t]), both, denoiser=net).float()
         out_c, out_u = out.chunk(2)
-        return out_u + self.guidance_scale * (out_c - out_u)
+        return self.adapter.guide(out_c, out_u, self.guidance_scale)
 
 
 @dataclass
