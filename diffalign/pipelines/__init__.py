@@ -2,7 +2,8 @@
 
 from .rollout import GuidedModel, Rollout, cat_rollouts, rollout, sample
 from .schedules import (
-    RolloutPlan, SamplingTable, full_plan, ode_plan, sampling_table, tree_plan, window_plan, window_start,
+    RolloutPlan, SamplingTable, full_plan, ode_plan, post_window_compressed, sampling_table, tree_plan, window_plan,
+    window_start, window_stop,
 )
 from .steps import (
     ODE_SOLVERS, PARAMETRIZATIONS, STEP_KINDS, CPSStep, DanceSDEStep, DDIMStep, DPMSolver2M, EulerODE, FlowSDEStep,
@@ -13,5 +14,6 @@ __all__ = [
     "CPSStep", "DDIMStep", "DPMSolver2M", "DanceSDEStep", "EulerODE", "FlowSDEStep", "GuidedModel", "HeunODE",
     "ODESolver", "ODE_SOLVERS", "PARAMETRIZATIONS", "Rollout", "RolloutPlan", "STEP_KINDS", "SamplingTable",
     "StepCoeffs", "StepKind", "cat_rollouts", "full_plan", "make_ode_solver", "make_step_kind", "ode_plan",
-    "rollout", "sample", "sampling_table", "split_prediction", "tree_plan", "window_plan", "window_start",
+    "post_window_compressed", "rollout", "sample", "sampling_table", "split_prediction", "tree_plan", "window_plan",
+    "window_start", "window_stop",
 ]
