@@ -120,3 +120,26 @@ def test_resume_with_ema_is_bit_exact(tiny_model, tmp_path):
         a, b = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert int(load_file(str(tmp_path / "a/checkpoints/step-000004/ema.safetensors"))["__updates__"][0]) == 4
+
+
+def test_pair_trainer_saves_the_ema_of_its_trajectory(tiny_model, toy_pairs, tmp_path):
+    """The pair recipe with an EMA: the raw weights after each step (checkpoints) averaged by hand with flow_grpo's rule
+    give the EMA it keeps and the LoRA it saves; training itself is untouched (the checkpoints hold the raw weights)."""
+    from diffalign.trainers.pair import PairRecipe
+
+    cfg = load_config(CONFIGS / "sft.yaml", [f"model={tiny_model('sd15')}", f"data={toy_pairs}", f"output_dir={tmp_path}",
+                                             "max_steps=4", "batch_size=2", "checkpoint_every=1", "checkpoints_keep=10",
+                                             "ema.enabled=true", "ema.update_every=2", "optim.learning_rate=1e-2"])
+    recipe = PairRecipe(cfg).setup()
+    expected = {n: s.clone() for n, s in recipe.ema.shadow.items()}  # the EMA starts at the initial weights
+    recipe.train()
+    for n_update in range(4):
+        raw = load_file(str(tmp_path / f"checkpoints/step-{n_update + 1:06d}/trainable.safetensors"))
+        if (n_update + 1) % 2 == 0:
+            d = min((1 + n_update) / (10 + n_update), 0.9)
+            expected = {n: d * e + (1 - d) * raw[n].float() for n, e in expected.items()}
+    for n, e in expected.items():
+        torch.testing.assert_close(recipe.ema.shadow[n], e, rtol=1e-6, atol=1e-7)
+    saved = load_file(str(tmp_path / "pytorch_lora_weights.safetensors"))
+    torch.testing.assert_close(_sorted_values(saved.values()), _sorted_values(expected.values()))
+    assert not torch.allclose(_sorted_values(saved.values()), _sorted_values(raw.values()))

@@ -16,6 +16,7 @@ from ..config import BaseTrainConfig, check
 from ..losses.grpo import REDUCTIONS
 from ..pipelines import ODE_SOLVERS, STEP_KINDS
 from .advantages import MULTI_REWARD_MODES, STD_MODES, TREE_MODES
+from .ema_config import EMAOptions, validate_ema
 
 SCHEDULE_KINDS = ("full", "window", "tree")
 WINDOW_MODES = ("slide", "random")
@@ -186,20 +187,6 @@ class EvalOptions:
 
 
 @dataclass
-class EMAOptions:
-    """EMA of the trained parameters (:mod:`diffalign.trainers.ema`): evaluation and the saved weights use it."""
-
-    # keep an EMA (flow_grpo's train_sd3.py keeps one)
-    enabled: bool = False
-    # decay per EMA update (flow_grpo: 0.9)
-    decay: float = 0.9
-    # one EMA update every this many optimizer updates (flow_grpo: 8)
-    update_every: int = 8
-    # flow_grpo's ramp: update n (0-based) uses min((1 + n) / (10 + n), decay); false: always decay
-    warmup: bool = True
-
-
-@dataclass
 class GRPOConfig(BaseTrainConfig):
     """Config of ``method: grpo``. ``data``: a prompt file (:mod:`diffalign.data.prompts`: ``.txt``
     one prompt a line, or ``.jsonl``/``.json``/``.csv`` rows whose other fields are metadata for
@@ -336,7 +323,3 @@ def _validate_rewards_and_eval(c: GRPOConfig) -> None:
     check(c.eval.every >= -1, "eval.every", "must be >= -1")
     check(c.eval.num_prompts >= 0, "eval.num_prompts", "must be >= 0")
 
-
-def validate_ema(e: EMAOptions) -> None:
-    check(0 <= e.decay < 1, "ema.decay", "must be in [0, 1)")
-    check(e.update_every >= 1, "ema.update_every", "must be >= 1")
