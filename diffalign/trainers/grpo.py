@@ -10,14 +10,17 @@ per training step (``max_steps`` of them):
    window, or a tree); CFG batched into one forward. Each batch's final latents are decoded and
    scored on a worker thread while the next batch rolls out.
 2. :meth:`~GRPORecipe.advantages`: rewards gathered over processes; advantages per prompt group
-   (per tree depth for trees), several rewards combined (:mod:`diffalign.trainers.advantages`).
+   (per tree depth for trees), several rewards combined (:mod:`diffalign.trainers.advantages`);
+   for trees, BranchGRPO's width/depth pruning then drops transitions from the update (:mod:`.tree_pruning`).
 3. :meth:`~GRPORecipe.update`: ``inner_epochs`` passes over the recorded :class:`Transitions`
    (optionally a random ``timestep_fraction`` of them), ``updates_per_epoch`` optimizer updates
    each: recompute the log-prob of every transition with the trained model (same code path as
    the rollout), the clipped GRPO loss, the closed-form KL to the reference (LoRA disabled) on
    the step means; one guarded optimizer step (:mod:`.optim_step`) per update.
 4. :meth:`~GRPORecipe.log`: ``metrics.jsonl``; :meth:`~GRPORecipe.evaluate` with ODE sampling at
-   ``sampler.eval_num_steps``; at the end the LoRA, model card and ``reward_curve.png``.
+   ``sampler.eval_num_steps``; at the end the LoRA, model card and ``reward_curve.png``. With
+   ``ema.enabled`` the EMA of the trained parameters (:mod:`.ema`, updated after every optimizer
+   update) is what evaluation samples with and what the LoRA holds.
 
 ``logprob_mismatch`` is the max |recomputed - recorded| log-prob over the transitions of the
 first optimizer update of each step, which is on-policy: it must be ~0 (fp32).
