@@ -50,7 +50,7 @@ def test_full_trajectory_grpo_raises_redness(sdxl, tmp_path):
 
 def test_sliding_window_grpo_raises_redness(sdxl, tmp_path):
     rows = _learns(sdxl, tmp_path, "sampler.num_steps=4", "schedule.kind=window", "schedule.window.size=2",
-                   "schedule.window.interval=2")
+                   "schedule.window.interval=2", "schedule.window.sweep_end=wrap")  # whole windows up to the last step
     assert [r["window_start"] for r in rows] == [0, 0, 1, 1, 2, 2] * 2
 
 

@@ -62,16 +62,24 @@ def test_on_policy_log_probs_dit_ratio_norm_and_epochs(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["sd", "qwenimage"])  # sd: sd15 for mixgrpo (DDIM-eta windows), sd3 otherwise
-@pytest.mark.parametrize("config", ["mixgrpo.yaml", "branchgrpo.yaml", "dancegrpo.yaml"])
+@pytest.mark.parametrize("config", ["mixgrpo.yaml", "mixgrpo_flash.yaml", "branchgrpo.yaml", "dancegrpo.yaml"])
 def test_variant_configs_run(tiny, tmp_path, config, kind):
     model = tiny(kind) if kind != "sd" else tiny("sd3") if config != "mixgrpo.yaml" else tiny("sd15")
-    steps = "sampler.num_steps=4" if config == "mixgrpo.yaml" else "sampler.num_steps=5"
+    steps = {"mixgrpo.yaml": "sampler.num_steps=4", "mixgrpo_flash.yaml": "sampler.num_steps=6"}.get(config, "sampler.num_steps=5")
     _, rows = run(model, tmp_path, config, "max_steps=2", "prompts_per_step=2", "eval.num_prompts=2", "sampler.eval_num_steps=4",
                   steps)
     assert len(rows) == 2 and all(r["logprob_mismatch"] < 1e-4 for r in rows)
     if config == "mixgrpo.yaml":
         assert [r["window_start"] for r in rows] == [0, 1]
-        assert all(r["stochastic_steps"] == 2 for r in rows)
+        assert [r["stochastic_steps"] for r in rows] == [2, 1]  # MixGRPO: cut at num_steps - 2 = 2 at the end of the sweep
+    if config == "mixgrpo_flash.yaml":
+        # window [0, 2) of 6 steps, then int(4 * 0.4) - 1 -> 1 post-window ODE step: 3 forwards of 8 rows, not 6
+        assert rows[0]["model_rows"] == 8 * 3
+    if config == "branchgrpo.yaml":
+        # 2 roots -> 4 -> 8 leaves over 5 steps: one forward per node (2 + 4 + 3 * 8 rows; copies first: 4 + 8 + 24)
+        assert all(r["model_rows"] == 2 + 4 + 24 for r in rows)
+        # 4 + 8 + 3 * 8 transitions; depth pruning drops step 3 (8), width pruning keeps 8 of the 16 after the last branch
+        assert all(r["transitions"] == 4 + 8 + 8 for r in rows)
     if config == "dancegrpo.yaml":
         assert rows[0]["transitions"] == 8 * 3  # 60% of 5 steps for each of the 8 samples
         assert "reward/redness" in rows[0] and "reward/contrast" in rows[0]

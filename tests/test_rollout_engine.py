@@ -116,7 +116,8 @@ def test_tree_rollout_calls_the_model_less_than_independent_trajectories(tiny):
     finally:
         counter.remove()
     assert tree.final.shape[0] == flat.final.shape[0] == 8
-    assert tree_rows == 2 * (2 + 4 + 8 + 8) and flat_rows == 2 * 8 * 4  # CFG doubles both
+    # one forward per node: the branch steps 1 and 2 run the 2 and 4 parents, not their 4 and 8 children
+    assert tree_rows == 2 * (2 + 2 + 4 + 8) and flat_rows == 2 * 8 * 4  # CFG doubles both
     assert tree_calls < flat_calls and tree_rows < flat_rows
     # structure: prompts follow the roots; ancestors per depth; one transition per row and step
     assert tree.prompt_index.tolist() == [0] * 4 + [1] * 4
@@ -130,6 +131,61 @@ def test_tree_rollout_calls_the_model_less_than_independent_trajectories(tiny):
     at_branch = tr["step"] == 1
     torch.testing.assert_close(tr["x"][at_branch][0], tr["x"][at_branch][1])
     assert not torch.allclose(tr["x_next"][at_branch][0], tr["x_next"][at_branch][1])
+
+
+def _copy_then_step_tree(model, table, kind, noise, prompts, branches, scale, generator):
+    """Reference tree rollout written out: copy every row k ways before a branch step, run the model
+    on every copy, noise * scale at branch steps (BranchGRPO's split noise). Returns (final, rows)."""
+    x, rows_prompt, rows = noise.float(), prompts.long(), 0
+    for i in range(table.num_steps):
+        k = branches.get(i, 1)
+        x, rows_prompt = x.repeat_interleave(k, dim=0), rows_prompt.repeat_interleave(k)
+        n = x.shape[0]
+        co = table.coeffs_at(i, n)
+        out = model(x, table.timesteps[i].expand(n), rows_prompt)
+        rows += n
+        x0, eps = split_prediction(out, x, co.alpha, co.sigma, table.parametrization)
+        z = torch.randn(x.shape, generator=generator) * (scale if k > 1 else 1.0)
+        x = kind.mean(x, x0, eps, co) + kind.std(co).view(-1, 1, 1, 1) * z
+    return x, rows
+
+
+def test_branch_steps_run_the_model_once_per_node_with_published_split_points(tiny):
+    """BranchGRPO's split points 0,3,6,9 of 20 steps, 2 ways, one root (16 leaves): copying before the
+    forward costs 218 rows, one forward per node 203; the samples are the same."""
+    adapter = tiny("sd3")
+    table, kind = sampling_table(adapter, 20), make_step_kind("flow_sde")
+    branches = {0: 2, 3: 2, 6: 2, 9: 2}
+    noise, prompts = _noise(adapter, 1, seed=9), torch.tensor([0])
+    with torch.no_grad():
+        ref, ref_rows = _copy_then_step_tree(_model(adapter, cfg=False), table, kind, noise, prompts, branches, 4.0,
+                                             torch.Generator().manual_seed(11))
+    ro = rollout(_model(adapter, cfg=False), table, tree_plan(20, [0, 3, 6, 9], 2, split_noise_scale=4.0), kind, noise,
+                 prompts, torch.Generator().manual_seed(11))
+    assert ref_rows == 218 and ro.model_rows == 203
+    assert ro.final.shape[0] == 16
+    torch.testing.assert_close(ro.final, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_split_noise_scale_scales_only_the_branch_noise_and_keeps_the_step_std(tiny):
+    adapter = tiny("sd3")
+    table, kind = sampling_table(adapter, 4), make_step_kind("flow_sde")
+    gen_noise = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    runs = {s: rollout(_model(adapter, cfg=False), table, tree_plan(4, [1], 2, split_noise_scale=s), kind, _noise(adapter, 2),
+                       torch.tensor([0, 1]), gen_noise()) for s in (1.0, 4.0)}
+    for scale, ro in runs.items():
+        tr = ro.transitions
+        z = (tr["x_next"] - tr["mean"]) / tr["std"].view(-1, 1, 1, 1)
+        at_branch = tr["step"] == 1
+        base = (runs[1.0].transitions["x_next"] - runs[1.0].transitions["mean"]) / runs[1.0].transitions["std"].view(-1, 1, 1, 1)
+        # same generator draws: the branch step's noise is scale times the unscaled run's, the step before is untouched
+        torch.testing.assert_close(z[at_branch], scale * base[at_branch], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(z[tr["step"] == 0], base[runs[1.0].transitions["step"] == 0])
+        # the log-prob is the Gaussian of the step's own std (BranchGRPO's convention), not of scale * std
+        lp = kind.log_prob(tr["x_next"], tr["x"], *split_prediction(
+            _model(adapter, cfg=False)(tr["x"], tr["timestep"], tr["prompt"]), tr["x"], table.coeffs(tr["step"]).alpha,
+            table.coeffs(tr["step"]).sigma, table.parametrization), table.coeffs(tr["step"]))
+        assert float((lp - tr["log_prob"]).abs().max()) < 1e-4
 
 
 def test_tempflow_tree_has_noise_only_at_branch_steps(tiny):

@@ -304,3 +304,100 @@ def test_a_family_with_dynamic_shifting_only_overrides_its_adapter():
     assert (large.sigma[1:] > small.sigma[1:]).all()  # bigger images: more shift toward noise
     with pytest.raises(ValueError, match="mu"):  # the plain flow adapter has no mu to give
         sampling_table(_bare(SD3Adapter, sched), 4)
+
+
+# ----------------------------------------------------------------------------- MixGRPO windows and Flash
+def _mixgrpo_windows(iterations, num_steps, size, shift, interval):
+    """MixGRPO's GRPOTrainingStates (progressive, prog_overlap, roll_back) as written in its repo's description:
+    window range(cur, min(cur + size, max_timesteps)) with max_timesteps = num_steps - 2; every `interval`
+    iterations cur += shift; past max_timesteps back to 0. Empty windows (cur == max_timesteps) are dropped."""
+    cur, it, out = 0, 0, []
+    while len(out) < iterations:
+        window = list(range(cur, min(cur + size, num_steps - 2)))
+        it += 1
+        if it >= interval:
+            it, cur = 0, cur + shift
+        if cur > num_steps - 2:
+            it, cur = 0, 0
+        if window:
+            out.append(window)
+    return out
+
+
+@pytest.mark.parametrize("num_steps,size,shift,interval", [(6, 2, 1, 2), (10, 4, 1, 1), (25, 4, 2, 3)])
+def test_window_truncates_at_the_end_of_a_sweep_as_mixgrpo(num_steps, size, shift, interval):
+    from diffalign.trainers.grpo import make_plan
+    from diffalign.trainers.grpo_config import GRPOConfig, SamplerOptions, ScheduleOptions, WindowOptions
+
+    cfg = GRPOConfig(sampler=SamplerOptions(num_steps=num_steps), schedule=ScheduleOptions(
+        kind="window", window=WindowOptions(size=size, start=0, shift=shift, interval=interval)))
+    n = 3 * num_steps * interval
+    ours = [make_plan(cfg, i, torch.Generator())[0].stochastic_steps for i in range(n)]
+    assert ours == _mixgrpo_windows(n, num_steps, size, shift, interval)
+    assert all(num_steps - 1 not in w and num_steps - 2 not in w for w in ours)  # never the last two steps
+    cfg.schedule.window.sweep_end = "wrap"  # the old convention: whole windows, the last step trained
+    wrapped = [make_plan(cfg, i, torch.Generator())[0].stochastic_steps for i in range(n)]
+    assert all(len(w) == size for w in wrapped) and max(map(max, wrapped)) > max(map(max, ours))
+
+
+class _ToyFlowModel:
+    """A smooth stand-in for a flow network (velocity from x and the timestep), counting rows like GuidedModel."""
+
+    def __init__(self):
+        self.calls = self.rows = 0
+
+    def __call__(self, x, t, prompt_index, net=None):
+        self.calls += 1
+        self.rows += x.shape[0]
+        s = (t.float() / 1000).view(-1, 1, 1, 1)
+        return 0.8 * x - (1 - s) * torch.tanh(x.flip(-1))
+
+
+def test_mixgrpo_flash_shortens_the_post_window_ode_and_carries_dpm_history():
+    """Window [0, 2) of 10 steps, ratio 0.4: MixGRPO puts int(8 * 0.4) = 3 sigma points after the window (2 ODE steps),
+    and its DPM-Solver++(2M) state holds the x0 of the window's last SDE step, so the first post step is 2nd order.
+    Written out here: Flow-SDE steps, then x_next = (s_n/s) x - a_n (e^-h - 1) D, D = x0 + (x0 - x0_prev) / (2 r)."""
+    from diffalign.pipelines import post_window_compressed, rollout
+
+    table = sampling_table(_flow_adapter(), 10)
+    kind = make_step_kind("flow_sde")
+    noise = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    prompts = torch.tensor([0, 1])
+    ctable, cplan = post_window_compressed(table, window_plan(10, 0, 2), 0.4)
+    assert ctable.num_steps == 4 and cplan.stochastic == [True, True, False, False] and cplan.carry_ode_history
+    grid = torch.cat([table.sigma, table.sigma_next[-1:]])  # sigma points 0..10
+    torch.testing.assert_close(ctable.sigma_next, grid[[1, 2, 6, 10]])
+    torch.testing.assert_close(ctable.sigma, grid[[0, 1, 2, 6]])
+    torch.testing.assert_close(ctable.timesteps[2:], table.timesteps[[2, 6]])
+
+    model = _ToyFlowModel()
+    got = rollout(model, ctable, cplan, kind, noise, prompts, torch.Generator().manual_seed(1), solver=DPMSolver2M())
+    assert got.model_rows == 2 * 4  # vs 2 * 10 without Flash
+
+    # the reference
+    g = torch.Generator().manual_seed(1)
+    x, hist = noise.clone(), None
+    ref_model = _ToyFlowModel()
+    for i in range(2):
+        co = table.coeffs_at(i, 2)
+        x0, eps = split_prediction(ref_model(x, table.timesteps[i].expand(2), prompts), x, co.alpha, co.sigma, "flow")
+        x, _, _, _ = kind.sample(x, x0, eps, co, torch.randn(x.shape, generator=g))
+        lam = lambda s: math.log((1 - s) / s)  # noqa: E731
+        hist = (x0, lam(float(grid[i + 1])) - lam(float(grid[i]))) if float(grid[i]) < 1 else None  # step 1's is used
+    for a, b in ((2, 6), (6, 10)):
+        s, s_n = float(grid[a]), float(grid[b])
+        v = ref_model(x, table.timesteps[a].expand(2), prompts)
+        x0 = x - s * v
+        if s_n == 0:
+            x = x0
+            break
+        h = math.log((1 - s_n) / s_n) - math.log((1 - s) / s)
+        r = hist[1] / h
+        d = x0 + (x0 - hist[0]) / (2 * r)
+        x = (s_n / s) * x - (1 - s_n) * math.expm1(-h) * d
+        hist = (x0, h)
+    torch.testing.assert_close(got.final, x, rtol=1e-5, atol=1e-5)
+    # without the carried history the first post step is first order: a different sample
+    cplan.carry_ode_history = False
+    fresh = rollout(_ToyFlowModel(), ctable, cplan, kind, noise, prompts, torch.Generator().manual_seed(1), solver=DPMSolver2M())
+    assert not torch.allclose(fresh.final, x, atol=1e-4)

@@ -111,7 +111,9 @@ def rollout(
     """Sample from ``noise`` (the roots, [R0, C, H, W]) along ``plan``; see the module docstring.
 
     Stochastic steps draw their noise from ``generator`` (CPU) in row order. A step the plan
-    marks stochastic whose kind has zero std (e.g. CPS's last step) runs as an ODE step.
+    marks stochastic whose kind has zero std (e.g. CPS's last step) runs as an ODE step. At a
+    branch step the model runs once per node, before its rows are copied (BranchGRPO: the children
+    share the parent's prediction); their noise is scaled by ``plan.split_noise_scale``.
     """
     if plan.num_steps != table.num_steps:
         raise ValueError(f"plan has {plan.num_steps} steps, table {table.num_steps}")
@@ -126,20 +128,24 @@ def rollout(
     state: dict = {}
     x0 = None
     for i in range(table.num_steps):
-        k = plan.branches.get(i, 1)
-        if k > 1:
-            x = x.repeat_interleave(k, dim=0)
-            rows_prompt = rows_prompt.repeat_interleave(k)
-            node_at = [n.repeat_interleave(k) for n in node_at] + [torch.arange(x.shape[0], device=device)]
-            rows_per_depth.append(x.shape[0])
-            _repeat_state(state, k)
         n = x.shape[0]
         co = table.coeffs_at(i, n, device)
         t = table.timesteps[i].expand(n).to(device)
         x0, eps = split_prediction(model(x, t, rows_prompt, net), x, co.alpha, co.sigma, table.parametrization)
+        k = plan.branches.get(i, 1)
+        if k > 1:  # one forward per node; its k children share the prediction and differ by their noise
+            x, x0, eps, t = (v.repeat_interleave(k, dim=0) for v in (x, x0, eps, t))
+            rows_prompt = rows_prompt.repeat_interleave(k)
+            node_at = [a.repeat_interleave(k) for a in node_at] + [torch.arange(x.shape[0], device=device)]
+            rows_per_depth.append(x.shape[0])
+            _repeat_state(state, k)
+            n = x.shape[0]
+            co = table.coeffs_at(i, n, device)
         std = kind.std(co)
         if plan.stochastic[i] and bool((std > 0).all()):
             z = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device)
+            if k > 1:
+                z = z * plan.split_noise_scale
             x_next, log_prob, mean, std = kind.sample(x, x0, eps, co, z, reduction)
             depth = len(node_at) - 1
             for key, v in (("x", x), ("x_next", x_next), ("mean", mean), ("log_prob", log_prob), ("std", std),
@@ -147,7 +153,10 @@ def rollout(
                            ("prompt", rows_prompt), ("depth", torch.full((n,), depth, dtype=torch.long, device=device)),
                            ("node", torch.arange(n, device=device))):
                 rec[key].append(v)
-            state.clear()
+            if plan.carry_ode_history:
+                solver.observe(x0, co, state)
+            else:
+                state.clear()
         else:
             predict_next = None
             if float(table.next_timesteps[i]) >= 0:

@@ -82,6 +82,11 @@ class RolloutPlan:
 
     stochastic: list[bool]
     branches: dict[int, int] = field(default_factory=dict)
+    # children of a branch step: mean + std * split_noise_scale * z (BranchGRPO's tree_split_noise_scale)
+    split_noise_scale: float = 1.0
+    # a stochastic step hands its x0 to the ODE solver's multistep history instead of resetting it
+    # (MixGRPO-Flash: DPM-Solver++(2M) continues across the window)
+    carry_ode_history: bool = False
 
     @property
     def num_steps(self) -> int:
@@ -117,18 +122,26 @@ def window_plan(num_steps: int, start: int, size: int) -> RolloutPlan:
 
 
 def window_start(iteration: int, num_steps: int, size: int, start: int = 0, shift: int = 1, interval: int = 1,
-                 end: int | None = None, mode: str = "slide", generator: torch.Generator | None = None) -> int:
+                 end: int | None = None, mode: str = "slide", generator: torch.Generator | None = None,
+                 sweep_end: str = "wrap") -> int:
     """Where the window of training step ``iteration`` (0-based) starts.
 
-    ``slide`` (MixGRPO): ``start + shift * (iteration // interval)``, wrapping back to ``start``
-    after ``end`` (default ``num_steps - size``, the last position that fits). ``random``
-    (Flow-GRPO-Fast): uniform in ``[start, end]`` from ``generator`` (seed it identically on all
-    ranks so they train the same steps).
+    ``slide`` (MixGRPO): ``start + shift * (iteration // interval)``, back to ``start`` after the
+    last start ``end``. ``sweep_end="wrap"``: ``end`` defaults to ``num_steps - size`` (the last
+    position a whole window fits). ``sweep_end="truncate"`` (MixGRPO's ``GRPOTrainingStates`` with
+    ``roll_back``): ``end`` defaults to ``num_steps - 3`` and the window is cut at ``end + 1``
+    (:func:`window_stop`), so the last two steps are never in it; MixGRPO's one extra position
+    whose window is empty (start ``num_steps - 2``) is skipped. ``random`` (Flow-GRPO-Fast): uniform
+    in ``[start, end]`` (``end`` default ``num_steps - size``) from ``generator`` (seed it
+    identically on all ranks so they train the same steps).
     """
-    last = num_steps - size if end is None else min(end, num_steps - size)
+    last = window_last_start(num_steps, size, end, mode, sweep_end)
     if last < start:
         raise ValueError(f"window of {size} steps starting at {start} does not fit in {num_steps} steps")
     span = last - start + 1
+    if mode == "slide" and sweep_end == "truncate":
+        positions = (last - start) // shift + 1 if shift > 0 else 1
+        return start + shift * ((iteration // max(interval, 1)) % positions)
     if mode == "slide":
         return start + (shift * (iteration // max(interval, 1))) % span
     if mode == "random":
@@ -136,15 +149,71 @@ def window_start(iteration: int, num_steps: int, size: int, start: int = 0, shif
     raise ValueError(f"window mode must be slide or random, got {mode!r}")
 
 
-def tree_plan(num_steps: int, branch_steps: list[int], branch_factor: int, sde_between: bool = True) -> RolloutPlan:
+def window_last_start(num_steps: int, size: int, end: int | None, mode: str = "slide", sweep_end: str = "wrap") -> int:
+    """The last window start (see :func:`window_start`)."""
+    if mode == "slide" and sweep_end == "truncate":
+        return num_steps - 3 if end is None else min(end, num_steps - 1)
+    return num_steps - size if end is None else min(end, num_steps - size)
+
+
+def window_stop(start: int, num_steps: int, size: int, end: int | None, mode: str = "slide",
+                sweep_end: str = "wrap") -> int:
+    """One past the window's last step: ``start + size``, cut at ``end + 1`` with ``sweep_end="truncate"``."""
+    if mode == "slide" and sweep_end == "truncate":
+        return min(start + size, window_last_start(num_steps, size, end, mode, sweep_end) + 1)
+    return start + size
+
+
+def post_window_compressed(table: SamplingTable, plan: RolloutPlan, ratio: float) -> tuple[SamplingTable, RolloutPlan]:
+    """MixGRPO-Flash: the ODE steps after the plan's last stochastic step ``L`` replaced by fewer ones.
+
+    MixGRPO (``fastvideo/utils/sampling_utils.py``, ``dpm_apply_strategy="post"``) keeps steps
+    ``0..L`` and puts ``int(max(r * ratio, 1))`` sigma points from ``sigma_{L+1}`` to 0 after them
+    (``r = N - 1 - L`` steps were there), i.e. ``int(r * ratio) - 1`` steps; here at least 1, so
+    the sample always ends at the table's last point. Their points are ``linspace(t_{L+1}, 0)`` in
+    unshifted time, time-shifted; here the table's own grid ``L+1 .. N`` subsampled evenly (the same
+    points on a time-shifted linspace table when ``r`` is a multiple of the step count, the nearest
+    table points otherwise), which works for every model family. The plan carries the ODE
+    solver's history across the window (``carry_ode_history``). Returns ``(table, plan)``.
+    """
+    stochastic = plan.stochastic_steps
+    n = table.num_steps
+    last = stochastic[-1] if stochastic else n - 1
+    remaining = n - 1 - last
+    if remaining <= 0:
+        return table, RolloutPlan(list(plan.stochastic), dict(plan.branches), plan.split_noise_scale, True)
+    post = max(int(remaining * ratio) - 1, 1)
+    bounds = [last + 1 + round(j * remaining / post) for j in range(post + 1)]  # table points L+1 .. N
+
+    def at(point: int, cur: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
+        """A table quantity at grid point ``point`` (``cur``: value at a step's start, ``nxt``: at its end)."""
+        return cur[point] if point < n else nxt[n - 1]
+
+    keep = torch.arange(last + 1)
+    starts, ends = bounds[:-1], bounds[1:]
+    pick = lambda cur, nxt: torch.cat([cur[keep], torch.stack([at(b, cur, nxt) for b in starts])])  # noqa: E731
+    pick_next = lambda cur, nxt: torch.cat([nxt[keep], torch.stack([at(b, cur, nxt) for b in ends])])  # noqa: E731
+    compressed = SamplingTable(
+        table.parametrization,
+        pick(table.timesteps, table.next_timesteps), pick_next(table.timesteps, table.next_timesteps),
+        pick(table.alpha, table.alpha_next), pick(table.sigma, table.sigma_next),
+        pick_next(table.alpha, table.alpha_next), pick_next(table.sigma, table.sigma_next), table.sigma_cap,
+    )
+    stoch = list(plan.stochastic[:last + 1]) + [False] * post
+    return compressed, RolloutPlan(stoch, dict(plan.branches), plan.split_noise_scale, True)
+
+
+def tree_plan(num_steps: int, branch_steps: list[int], branch_factor: int, sde_between: bool = True,
+              split_noise_scale: float = 1.0) -> RolloutPlan:
     """Tree rollouts: branch ``branch_factor`` ways before each of ``branch_steps`` (BranchGRPO).
 
     Branch steps are always stochastic (the children differ only by that step's noise). With
     ``sde_between`` the other steps are stochastic too (BranchGRPO); without, they are ODE steps
     and all stochasticity sits at the branch points (TempFlow-GRPO's trajectory branching).
+    ``split_noise_scale`` multiplies the noise of the branch steps (BranchGRPO: 4.0).
     """
     steps = sorted(set(int(b) for b in branch_steps))
     if not steps or steps[0] < 0 or steps[-1] >= num_steps:
         raise ValueError(f"branch steps {branch_steps} must be within [0, {num_steps})")
     stoch = [sde_between or i in steps for i in range(num_steps)]
-    return RolloutPlan(stoch, {b: branch_factor for b in steps})
+    return RolloutPlan(stoch, {b: branch_factor for b in steps}, split_noise_scale)

@@ -270,6 +270,11 @@ class ODESolver:
     def step(self, x, x0, eps, co: StepCoeffs, state: dict, predict_next=None) -> torch.Tensor:
         raise NotImplementedError
 
+    def observe(self, x0, co: StepCoeffs, state: dict) -> None:
+        """A step the solver did not take (a stochastic one) whose ``x0`` it may keep as history; by
+        default the history resets."""
+        state.clear()
+
 
 class EulerODE(ODESolver):
     """``x_next = alpha_next x0 + sigma_next eps``: DDIM(eta=0) for UNets, flow-matching Euler for DiTs
@@ -309,7 +314,8 @@ class DPMSolver2M(ODESolver):
         x_next = (sigma_next / sigma_t) x - alpha_next expm1(-h) D,
         D = x0 + (x0 - x0_prev) / (2 r),   r = h_prev / h   (first order: D = x0)
 
-    The history resets after every stochastic step and at the ends of the schedule.
+    The history resets after every stochastic step (or, MixGRPO-Flash, continues from it:
+    :meth:`observe`) and at the ends of the schedule.
     """
 
     name = "dpm2m"
@@ -328,6 +334,12 @@ class DPMSolver2M(ODESolver):
         x_next = per_row(co.sigma_next / co.sigma, x) * x - per_row(co.alpha_next * torch.expm1(-h), d) * d
         state["x0"], state["h"] = x0, h
         return x_next
+
+    def observe(self, x0, co, state):
+        """MixGRPO-Flash: a stochastic step's ``x0`` and ``h`` become the history of the next ODE step."""
+        state.clear()
+        if not (bool((co.sigma_next <= 0).any()) or bool((co.alpha <= 0).any())):
+            state["x0"], state["h"] = x0, torch.log(co.alpha_next / co.sigma_next) - torch.log(co.alpha / co.sigma)
 
 
 ODE_SOLVERS: dict[str, type[ODESolver]] = {k.name: k for k in (EulerODE, HeunODE, DPMSolver2M)}

@@ -3,6 +3,7 @@
 Layout of ``output_dir/checkpoints/step-000120/``::
 
     trainable.safetensors     trainable parameters (LoRA or the whole denoiser), by name
+    ema.safetensors           the EMA of those parameters and its update count (runs with ema.enabled)
     optimizer.pt, scheduler.pt  state dicts (tensors and numbers only; read with weights_only=True)
     rank-00000.json/.safetensors  per-rank RNG states (python, numpy, torch, noise generator)
                               and data-stream position
@@ -84,10 +85,11 @@ def set_rng_state(meta: dict, tensors: dict[str, torch.Tensor], generator: torch
 def save_checkpoint(
     accelerator, output_dir: str, step: int, module: torch.nn.Module, optimizer, scheduler,
     generator: torch.Generator | None, data_state: dict | None, trainer_state: dict, keep_last: int,
-    config: Any = None,
+    config: Any = None, ema_state: dict[str, torch.Tensor] | None = None,
 ) -> Path | None:
     """Collective: every rank calls it. Returns the checkpoint dir on rank 0. ``config``: the run's
-    config dataclass, saved beside the weights so a resume can check it continues the same run."""
+    config dataclass, saved beside the weights so a resume can check it continues the same run.
+    ``ema_state``: :meth:`.ema.ParameterEMA.state_dict`, saved as ``ema.safetensors``."""
     from safetensors.torch import save_file as _save_file
 
     def save_file(tensors, path):
@@ -110,6 +112,8 @@ def save_checkpoint(
     if accelerator.is_main_process:
         params = {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
         save_file(params, str(tmp / "trainable.safetensors"))
+        if ema_state is not None:
+            save_file(ema_state, str(tmp / "ema.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "trainer.json").write_text(json.dumps({"step": step, "num_processes": accelerator.num_processes, **trainer_state}))
@@ -145,6 +149,8 @@ def _load_checked(path: Path, num_processes: int) -> dict[str, Any]:
         "scheduler": torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True),
         "ranks": [],
     }
+    if (path / "ema.safetensors").is_file():
+        out["ema"] = load_file(str(path / "ema.safetensors"))
     for r in range(num_processes):
         meta = json.loads((path / f"rank-{r:05d}.json").read_text())
         out["ranks"].append((meta, load_file(str(path / f"rank-{r:05d}.safetensors"))))
@@ -245,12 +251,13 @@ class Checkpointer:
     """What a trainer loop calls: ``start_step, state = ckpt.resume()`` once, ``ckpt.maybe_save(step,
     state)`` after every optimizer step. ``stream`` is the data stream (``state_dict`` /
     ``load_state_dict``) when it runs in the main process, else None (then the loop fast-forwards
-    ``state["batches_consumed"]`` batches itself)."""
+    ``state["batches_consumed"]`` batches itself). ``ema``: the run's :class:`.ema.ParameterEMA`
+    (saved and restored with the weights), or None."""
 
-    def __init__(self, cfg, accelerator, module, optimizer, scheduler, generator, stream=None) -> None:
+    def __init__(self, cfg, accelerator, module, optimizer, scheduler, generator, stream=None, ema=None) -> None:
         self.cfg, self.accelerator = cfg, accelerator
         self.module, self.optimizer, self.scheduler = module, optimizer, scheduler
-        self.generator, self.stream = generator, stream
+        self.generator, self.stream, self.ema = generator, stream, ema
 
     def resume(self) -> tuple[int, dict]:
         """(first step to run, trainer state saved with the checkpoint or {}). The trainers call it
@@ -269,6 +276,10 @@ class Checkpointer:
         path, state = found
         data_state = restore(state, self.accelerator, self.accelerator.unwrap_model(self.module),
                              self.optimizer, self.scheduler, self.generator)
+        if self.ema is not None:
+            if "ema" not in state:
+                raise CheckpointError(f"{path} has no ema.safetensors: it was written without ema.enabled")
+            self.ema.load_state_dict(state["ema"])
         trainer = state["trainer"]
         if self.stream is not None and data_state and data_state.get("stream") is not None:
             self.stream.load_state_dict(data_state["stream"])
@@ -294,7 +305,8 @@ class Checkpointer:
                           "stream": self.stream.state_dict() if self.stream is not None else None}
             save_checkpoint(self.accelerator, self.cfg.output_dir, step, self.accelerator.unwrap_model(self.module),
                                    self.optimizer, self.scheduler, self.generator, data_state, trainer_state,
-                                   self.cfg.checkpoints_keep, config=self.cfg)
+                                   self.cfg.checkpoints_keep, config=self.cfg,
+                                   ema_state=self.ema.state_dict() if self.ema is not None else None)
         step_done(step, due, self.cfg.max_steps)
         if stop:
             raise interrupted_error(step, checkpoint_root(self.cfg.output_dir) / f"step-{step:06d}" if due else None)

@@ -125,7 +125,7 @@ class ForwardRLRecipe(GRPORecipe):
         with self.sampling_weights():
             return super().rollout(plan, pick)
 
-    def advantages(self, rolled: StepRollout) -> ImageAdvantages:
+    def advantages(self, rolled: StepRollout, step: int) -> ImageAdvantages:
         cfg, ro, a = self.cfg, rolled.rollout, self.cfg.advantage
         scores, groups, ancestors = gather_leaf_data(self.accelerator, rolled.scores, ro.prompt_index.cpu(),
                                                      [x.cpu() for x in ro.ancestors], ro.rows_per_depth)
@@ -177,6 +177,8 @@ class ForwardRLRecipe(GRPORecipe):
                                           max_grad_norm=self.cfg.optim.max_grad_norm)
         stats.skipped += int(skipped)
         self.optimizer_steps += int(not skipped)
+        if self.ema is not None and not skipped:
+            self.ema.step()
         if grad_norm is not None:
             stats.add({"grad_norm": grad_norm}, len(micro))
 

@@ -10,14 +10,17 @@ per training step (``max_steps`` of them):
    window, or a tree); CFG batched into one forward. Each batch's final latents are decoded and
    scored on a worker thread while the next batch rolls out.
 2. :meth:`~GRPORecipe.advantages`: rewards gathered over processes; advantages per prompt group
-   (per tree depth for trees), several rewards combined (:mod:`diffalign.trainers.advantages`).
+   (per tree depth for trees), several rewards combined (:mod:`diffalign.trainers.advantages`);
+   for trees, BranchGRPO's width/depth pruning then drops transitions from the update (:mod:`.tree_pruning`).
 3. :meth:`~GRPORecipe.update`: ``inner_epochs`` passes over the recorded :class:`Transitions`
    (optionally a random ``timestep_fraction`` of them), ``updates_per_epoch`` optimizer updates
    each: recompute the log-prob of every transition with the trained model (same code path as
    the rollout), the clipped GRPO loss, the closed-form KL to the reference (LoRA disabled) on
    the step means; one guarded optimizer step (:mod:`.optim_step`) per update.
 4. :meth:`~GRPORecipe.log`: ``metrics.jsonl``; :meth:`~GRPORecipe.evaluate` with ODE sampling at
-   ``sampler.eval_num_steps``; at the end the LoRA, model card and ``reward_curve.png``.
+   ``sampler.eval_num_steps``; at the end the LoRA, model card and ``reward_curve.png``. With
+   ``ema.enabled`` the EMA of the trained parameters (:mod:`.ema`, updated after every optimizer
+   update) is what evaluation samples with and what the LoRA holds.
 
 ``logprob_mismatch`` is the max |recomputed - recorded| log-prob over the transitions of the
 first optimizer update of each step, which is on-policy: it must be ~0 (fp32).
@@ -42,11 +45,13 @@ from ..config import ConfigError, check
 from ..logging import is_quiet
 from ..losses.grpo import gaussian_kl_same_std, grpo_clip_loss, ratio_norm_log_ratio
 from ..pipelines import (
-    GuidedModel, Rollout, RolloutPlan, cat_rollouts, full_plan, make_ode_solver, make_step_kind, rollout, sample, sampling_table,
-    split_prediction, time_shift_table, tree_plan, window_plan, window_start,
+    GuidedModel, Rollout, RolloutPlan, cat_rollouts, full_plan, make_ode_solver, make_step_kind, post_window_compressed, rollout,
+    sample, sampling_table, split_prediction, time_shift_table, tree_plan, window_plan, window_start, window_stop,
 )
 from .advantages import rollout_advantages, zero_std_group_fraction
 from .checkpoint import Checkpointer
+from .ema import ema_weights, make_ema
+from .tree_pruning import pruned_depth_steps, tree_pruning_mask
 from .common import (
     MetricsLogger, Timer, build_trainable, make_optimizer, mean_across_processes, rank_generator, save_final,
     setup_accelerator,
@@ -158,8 +163,9 @@ class GRPORecipe:
                   f"distinct needs prompts_per_step x processes = {world} <= the {len(self.prompts)} prompts")
         self._setup_sampling()
         self.generator = rank_generator(cfg.seed, self.accelerator)  # prompts, noise, subsets: differ per rank
+        self.ema = make_ema(cfg.ema, self.policy.module)  # evaluation and saved weights use it
         self.ckpt = Checkpointer(cfg, self.accelerator, self.policy.wrapped, self.optimizer, self.lr_scheduler,
-                                 self.generator)
+                                 self.generator, ema=self.ema)
         self.start_step, resumed = self.ckpt.resume()
         self.nonfinite_in_a_row = resumed.get("nonfinite_in_a_row", 0)
         self.logger = MetricsLogger(self.accelerator, cfg.output_dir, resume=self.start_step > 1)
@@ -212,7 +218,7 @@ class GRPORecipe:
                 plan, plan_info = make_plan(cfg, step - 1, torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
                 rolled = self.rollout(plan, self.prompt_indices(step))
                 rolled.timings["rollout_seconds"] = timer.lap()
-                adv = self.advantages(rolled)
+                adv = self.advantages(rolled, step)
                 stats = self.update(rolled.model, adv)
                 train_seconds = timer.lap()
                 self.check_nonfinite(stats.skipped)
@@ -248,13 +254,16 @@ class GRPORecipe:
         prompts = [self.prompts[i] for i in pick]
         meta = [self.metadata[i] for i in pick] if self.metadata else None
         model = GuidedModel(self.adapter, self.adapter.encode_prompt(prompts), self.uncond, s.guidance_scale)
+        table = self.table
+        if cfg.schedule.kind == "window" and cfg.schedule.window.post_window_ratio is not None:  # MixGRPO-Flash
+            table, plan = post_window_compressed(self.table, plan, cfg.schedule.window.post_window_ratio)
         roots_per_prompt = cfg.group_size // plan.leaves_per_root
         per_batch = cfg.batch_size // cfg.group_size
         parts, pending = [], []
         for p0 in range(0, cfg.prompts_per_step, per_batch):
             pidx = torch.arange(p0, p0 + per_batch).repeat_interleave(roots_per_prompt)
             noise = initial_noise(per_batch, roots_per_prompt, self.latent_shape, s.shared_noise, gen)
-            part = rollout(model, self.table, plan, self.kind, noise.to(self.device), pidx.to(self.device),
+            part = rollout(model, table, plan, self.kind, noise.to(self.device), pidx.to(self.device),
                            generator=gen, solver=self.solver, reduction=s.logprob_reduction, net=self.policy.module)
             rows = part.prompt_index.tolist()
             scored_latents = part.last_x0 if cfg.reward_on == "x0_last" else part.final
@@ -268,9 +277,10 @@ class GRPORecipe:
         scores = {name: torch.cat([sc[name] for sc in scored]) for name, _, _ in self.rewards}
         return StepRollout(model, cat_rollouts(parts), scores, timings)
 
-    def advantages(self, rolled: StepRollout) -> StepAdvantages:
+    def advantages(self, rolled: StepRollout, step: int) -> StepAdvantages:
         """Advantages of every leaf (gathered over processes, sliced back), spread over the
-        transitions of its tree nodes; the trained subset and the loss weights."""
+        transitions of its tree nodes; the trained subset (timestep fraction, tree pruning at
+        training step ``step``) and the loss weights."""
         cfg, ro, a = self.cfg, rolled.rollout, self.cfg.advantage
         scores, groups, ancestors = gather_leaf_data(self.accelerator, rolled.scores, ro.prompt_index.cpu(),
                                                      [x.cpu() for x in ro.ancestors], ro.rows_per_depth)
@@ -290,9 +300,20 @@ class GRPORecipe:
                                    rounding=sch.timestep_rounding)
         if a.drop_zero_advantage:  # flow_grpo: samples whose advantages are all zero carry no signal
             selected = selected[adv[selected] != 0]
+        if cfg.schedule.kind == "tree":
+            selected = selected[self.pruning_mask(tr, adv, step)[selected]]
         selected = selected.to(self.device)
         w = step_weights(self.table, tr["step"], tr["std"], cfg.loss.step_weighting)
         return StepAdvantages(Transitions.from_rollout(tr, adv.to(self.device), w), selected, scores, groups, combined)
+
+    def pruning_mask(self, tr: dict, adv: torch.Tensor, step: int) -> torch.Tensor:
+        """BranchGRPO's depth and width pruning of the trained transitions ([N] bool, CPU)."""
+        cfg, t = self.cfg, self.cfg.schedule.tree
+        if step > int(cfg.max_steps * t.pruning_fraction):
+            return torch.ones(adv.shape[0], dtype=torch.bool)
+        depth_steps = pruned_depth_steps(t.depth_pruning_steps, step, t.depth_pruning_slide_interval, t.depth_pruning_stop_step)
+        return tree_pruning_mask(tr["step"], tr["depth"], tr["node"], adv, max(t.branch_steps), depth_steps,
+                                 t.width_pruning, t.width_pruning_ratio)
 
     def update(self, model: GuidedModel, adv: StepAdvantages) -> UpdateStats:
         """``inner_epochs`` shuffled passes over the selected transitions, ``updates_per_epoch``
@@ -333,6 +354,8 @@ class GRPORecipe:
         skipped, grad_norm = guarded_step(self.accelerator, backward, self.params, self.optimizer,
                                           max_grad_norm=self.cfg.optim.max_grad_norm)
         stats.skipped += int(skipped)
+        if self.ema is not None and not skipped:
+            self.ema.step()
         if grad_norm is not None:
             stats.add({"grad_norm": grad_norm}, len(micro))
 
@@ -370,9 +393,10 @@ class GRPORecipe:
         return ev.every >= 0 and ev.num_prompts > 0 and (step == self.cfg.max_steps or (ev.every > 0 and step % ev.every == 0))
 
     def evaluate(self, prompts: list[str], metadata: list[dict] | None) -> dict[str, float]:
-        """ODE samples of the first ``eval.num_prompts`` prompts with fixed noise; mean rewards:
-        ``eval_reward_mean`` (the weighted training reward), ``eval_reward/NAME`` per training reward
-        when there are several, and always for every ``eval.rewards`` reward (watched, not trained)."""
+        """ODE samples of the first ``eval.num_prompts`` prompts with fixed noise, with the EMA weights
+        when there is an EMA; mean rewards: ``eval_reward_mean`` (the weighted training reward),
+        ``eval_reward/NAME`` per training reward when there are several, and always for every
+        ``eval.rewards`` reward (watched, not trained)."""
         cfg = self.cfg
         if self.eval_table is None:
             self.eval_table = sampling_table(self.adapter, cfg.sampler.eval_num_steps,
@@ -383,8 +407,9 @@ class GRPORecipe:
                             max_rows=cfg.batch_size)
         g = torch.Generator().manual_seed(cfg.eval.seed)
         noise = torch.randn((n, *self.latent_shape), generator=g).to(self.adapter.device)
-        final = sample(model, self.eval_table, noise, torch.arange(n, device=self.adapter.device), solver=self.solver,
-                       net=self.policy.module)
+        with ema_weights(self.ema):
+            final = sample(model, self.eval_table, noise, torch.arange(n, device=self.adapter.device), solver=self.solver,
+                           net=self.policy.module)
         scores = score_images(self.adapter, final, prompts, meta, self.rewards + self.watched_rewards)
         out = {"eval_reward_mean": float(sum(w * scores[name] for name, w, _ in self.rewards).mean())}
         if len(self.rewards) > 1:
@@ -429,7 +454,7 @@ class GRPORecipe:
         progress.set_postfix(reward=f"{values['reward_mean']:.4g}", kl=f"{values.get('approx_kl', 0.0):.2g}")
 
     def finish(self) -> dict:
-        """Reward curve of the whole run (resumed parts included), weights, model card."""
+        """Reward curve of the whole run (resumed parts included), weights (the EMA's, if any), model card."""
         out = Path(self.cfg.output_dir)
         if self.accelerator.is_main_process:
             metrics_path = out / "metrics.jsonl"
@@ -437,7 +462,8 @@ class GRPORecipe:
                     if metrics_path.is_file() else [])
             if rows:
                 save_reward_curve(rows, out / "reward_curve.png", self.watched)
-        info = save_final(self.cfg, self.accelerator, self.adapter, self.policy.wrapped, self.logger.last, "grpo")
+        with ema_weights(self.ema):
+            info = save_final(self.cfg, self.accelerator, self.adapter, self.policy.wrapped, self.logger.last, self.cfg.method)
         self.accelerator.end_training()
         return {"final": self.logger.last, "history": self.history, **info}
 
@@ -455,10 +481,12 @@ def make_plan(cfg: GRPOConfig, iteration: int, generator: torch.Generator) -> tu
         return full_plan(s.num_steps), {}
     if sch.kind == "window":
         w = sch.window
-        start = window_start(iteration, s.num_steps, w.size, w.start, w.shift, w.interval, w.end, w.mode, generator)
-        return window_plan(s.num_steps, start, w.size), {"window_start": start}
+        start = window_start(iteration, s.num_steps, w.size, w.start, w.shift, w.interval, w.end, w.mode, generator,
+                             w.sweep_end)
+        stop = window_stop(start, s.num_steps, w.size, w.end, w.mode, w.sweep_end)
+        return window_plan(s.num_steps, start, stop - start), {"window_start": start}
     t = sch.tree
-    return tree_plan(s.num_steps, t.branch_steps, t.branch_factor, t.sde_between), {}
+    return tree_plan(s.num_steps, t.branch_steps, t.branch_factor, t.sde_between, t.split_noise_scale), {}
 
 
 def select_fraction(trans: dict, fraction: float, generator: torch.Generator, first: bool = False,

@@ -16,9 +16,12 @@ from ..config import BaseTrainConfig, check
 from ..losses.grpo import KL_FORMS, LOG_PROB_FORMS, REDUCTIONS
 from ..pipelines import ODE_SOLVERS, SIGMA_SCHEDULES, STEP_KINDS
 from .advantages import MULTI_REWARD_MODES, STD_MODES, TREE_MODES
+from .ema_config import EMAOptions, validate_ema
 
 SCHEDULE_KINDS = ("full", "window", "tree")
 WINDOW_MODES = ("slide", "random")
+SWEEP_ENDS = ("truncate", "wrap")
+WIDTH_PRUNING = ("none", "per_branch", "best_worst")
 STEP_WEIGHTINGS = ("none", "noise", "inverse_dt")
 TIMESTEP_ROUNDINGS = ("round", "floor")
 REWARD_ON = ("final", "x0_last")
@@ -72,10 +75,21 @@ class WindowOptions:
     shift: int = 1
     # ... every this many training steps
     interval: int = 25
-    # last window start (default num_steps - size); then it wraps to start
+    # last window start; then it wraps to start. Default: num_steps - 3 with sweep_end=truncate
+    # (MixGRPO's max_timesteps = sampling_steps - 2, exclusive), num_steps - size with wrap
     end: int | None = None
     # slide | random (uniform in [start, end] each training step)
     mode: str = "slide"
+    # slide near the end of a sweep: truncate (MixGRPO, zqqqqz2000/MixGRPO fastvideo/utils/grpo_states.py:
+    # the window is steps [p, min(p + size, end + 1)), shrinking at the end, so the last two steps are never
+    # stochastic) | wrap (every window has `size` steps; the last start is num_steps - size, which trains
+    # the last step; diffalign's convention before issue 14)
+    sweep_end: str = "truncate"
+    # MixGRPO-Flash (train_grpo_flux.py --dpm_post_compress_ratio 0.4 with --dpm_algorithm_type dpmsolver++,
+    # --dpm_apply_strategy post): the ODE steps after the window are replaced by int(r * ratio) - 1 steps (r: steps
+    # after the window; at least 1) on the table's grid subsampled evenly, and the DPM-Solver++(2M) history
+    # (x0 of the last window step) is carried across the window into them. null: off. Needs ode_solver: dpm2m
+    post_window_ratio: float | None = None
 
 
 @dataclass
@@ -88,6 +102,25 @@ class TreeOptions:
     branch_factor: int = 2
     # false: only the branch steps are stochastic (TempFlow-GRPO)
     sde_between: bool = True
+    # children of a branch step are mean + std * split_noise_scale * z (the log-prob keeps the step's own std);
+    # BranchGRPO (Fredreic1849/BranchGRPO, finetune_flux_branchgrpo_8gpus.sh --tree_split_noise_scale) uses 4.0
+    split_noise_scale: float = 1.0
+    # width pruning of the trained transitions after the last branch step (BranchGRPO --width_pruning_mode, off by
+    # default there): none | per_branch (mode 1: per last-branch node, the best width_pruning_ratio of its
+    # transitions by advantage) | best_worst (mode 2: of all of them, the best and the worst width_pruning_ratio/2)
+    width_pruning: str = "none"
+    # fraction kept by width pruning (BranchGRPO --width_pruning_ratio 0.5)
+    width_pruning_ratio: float = 0.5
+    # depth pruning: transitions at these step indices are not trained (rollouts unchanged). BranchGRPO
+    # --depth_pruning counts tree depth = step + 1 ("15,16,17,18" of 20 steps = steps 14..17); empty there by default
+    depth_pruning_steps: list[int] = field(default_factory=list)
+    # sliding depth pruning (BranchGRPO --depth_pruning_slide, --depth_pruning_slide_interval 30): the pruned steps
+    # move one step earlier every this many training steps; 0: fixed
+    depth_pruning_slide_interval: int = 0
+    # ... until the earliest pruned step is this one (BranchGRPO --depth_pruning_stop_depth 9 = step 8)
+    depth_pruning_stop_step: int = 0
+    # prune (width and depth) only during the first pruning_fraction of max_steps (BranchGRPO --pruning_step_ratio 1.0)
+    pruning_fraction: float = 1.0
 
 
 @dataclass
@@ -224,6 +257,7 @@ class GRPOConfig(BaseTrainConfig):
     # the rewards, combined by weight
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
     eval: EvalOptions = field(default_factory=EvalOptions)
+    ema: EMAOptions = field(default_factory=EMAOptions)
 
     @property
     def needs_reference(self) -> bool:
@@ -238,6 +272,7 @@ class GRPOConfig(BaseTrainConfig):
         check(not (self.loss.ratio_norm and self.sampler.cps_logprob == "flow_grpo"), "loss.ratio_norm",
               "RatioNorm's bias term assumes the Gaussian log-prob: use sampler.cps_logprob=gaussian with it")
         _validate_rewards_and_eval(self)
+        validate_ema(self.ema)
 
 
 def _validate_sizes(c: GRPOConfig) -> None:
@@ -286,8 +321,15 @@ def _validate_schedule(c: GRPOConfig) -> None:
                f"must be in [1, sampler.num_steps={n}] (window larger than the number of steps)")
         check(0 <= w.start <= n - w.size, "schedule.window.start",
                f"window [{w.start}, {w.start + w.size}) does not fit in sampler.num_steps={n}")
-        check(w.end is None or w.start <= w.end <= n - w.size, "schedule.window.end",
-               f"must be in [window.start, num_steps - size = {n - w.size}]")
+        check(w.sweep_end in SWEEP_ENDS, "schedule.window.sweep_end", "must be truncate or wrap")
+        last = n - w.size if w.sweep_end == "wrap" or w.mode == "random" else n - 1
+        check(w.end is None or w.start <= w.end <= last, "schedule.window.end", f"must be in [window.start, {last}]")
+        check(w.end is not None or w.sweep_end == "wrap" or w.mode == "random" or w.start <= n - 3, "schedule.window.start",
+               f"sweep_end=truncate ends at step {n - 3} (num_steps - 3): start must not be later, or set window.end")
+        check(w.post_window_ratio is None or 0 < w.post_window_ratio <= 1, "schedule.window.post_window_ratio",
+               "must be in (0, 1] or null")
+        check(w.post_window_ratio is None or c.sampler.ode_solver == "dpm2m", "sampler.ode_solver",
+               "schedule.window.post_window_ratio (MixGRPO-Flash) carries DPM-Solver++(2M) history: use dpm2m")
         check(w.shift >= 0, "schedule.window.shift", "must be >= 0")
         check(w.interval >= 1, "schedule.window.interval", "must be >= 1")
         check(w.mode in WINDOW_MODES, "schedule.window.mode", "must be slide or random")
@@ -298,6 +340,14 @@ def _validate_schedule(c: GRPOConfig) -> None:
         check(all(0 <= b < n for b in t.branch_steps), "schedule.tree.branch_steps",
                f"every branch step must be in [0, sampler.num_steps={n})")
         check(t.branch_factor >= 2, "schedule.tree.branch_factor", "must be >= 2")
+        check(t.split_noise_scale > 0, "schedule.tree.split_noise_scale", "must be > 0")
+        check(t.width_pruning in WIDTH_PRUNING, "schedule.tree.width_pruning", f"must be one of {', '.join(WIDTH_PRUNING)}")
+        check(0 < t.width_pruning_ratio <= 1, "schedule.tree.width_pruning_ratio", "must be in (0, 1]")
+        check(all(0 <= d < n for d in t.depth_pruning_steps), "schedule.tree.depth_pruning_steps",
+               f"every step must be in [0, sampler.num_steps={n})")
+        check(t.depth_pruning_slide_interval >= 0, "schedule.tree.depth_pruning_slide_interval", "must be >= 0")
+        check(0 <= t.depth_pruning_stop_step < n, "schedule.tree.depth_pruning_stop_step", f"must be in [0, {n})")
+        check(0 <= t.pruning_fraction <= 1, "schedule.tree.pruning_fraction", "must be in [0, 1]")
         leaves = t.branch_factor ** len(t.branch_steps)
         check(c.group_size % leaves == 0, "group_size",
                f"must be a multiple of branch_factor ** len(branch_steps) = {leaves} (leaves per tree)")
@@ -329,3 +379,4 @@ def _validate_rewards_and_eval(c: GRPOConfig) -> None:
     check(c.prompt_sampling in PROMPT_SAMPLINGS, "prompt_sampling", f"must be one of {', '.join(PROMPT_SAMPLINGS)}")
     check(c.eval.every >= -1, "eval.every", "must be >= -1")
     check(c.eval.num_prompts >= 0, "eval.num_prompts", "must be >= 0")
+

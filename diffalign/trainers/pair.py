@@ -29,6 +29,7 @@ from ..losses.methods import OfflineMethod, PairMSEs, offline_method
 from ..models import cat_cond
 from ..optim_step import count_nonfinite, guarded_step
 from .checkpoint import Checkpointer
+from .ema import ema_weights, make_ema
 from .common import (
     MetricsLogger, Timer, build_trainable, make_optimizer, mean_across_processes, rank_generator,
     save_final, setup_accelerator, sum_across_processes,
@@ -173,7 +174,9 @@ class PairRecipe:
         # The stream's own position is applied lazily, on the first next().
         self.data_iter = iter(loader)
         stream = loader.dataset if cfg.data_opts.num_workers == 0 else None
-        self.ckpt = Checkpointer(cfg, self.accelerator, self.net, self.optimizer, self.lr_scheduler, self.generator, stream)
+        self.ema = make_ema(cfg.ema, self.accelerator.unwrap_model(self.net))  # the saved weights are its
+        self.ckpt = Checkpointer(cfg, self.accelerator, self.net, self.optimizer, self.lr_scheduler, self.generator, stream,
+                                 ema=self.ema)
         self.start_step, resumed = self.ckpt.resume()
         self.logger = MetricsLogger(self.accelerator, cfg.output_dir, resume=self.start_step > 1)
         for _ in range(resumed.get("batches_consumed", 0)):  # workers > 0: replay the stream to its position
@@ -198,6 +201,8 @@ class PairRecipe:
             with self.accelerator.accumulate(self.net):
                 loss, metrics = self._loss(batch)
                 stepped, grad_norm = self._optimizer_step(loss)
+                if self.ema is not None and stepped and self.accelerator.sync_gradients:
+                    self.ema.step()
             skipped_update = skipped_update or not stepped
             for k, v in {"loss": loss.detach(), **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.gradient_accumulation_steps
@@ -240,7 +245,8 @@ class PairRecipe:
 
     def _finish(self) -> dict:
         cfg, accelerator = self.cfg, self.accelerator
-        info = save_final(cfg, accelerator, self.adapter, self.net, self.logger.last, cfg.method)
+        with ema_weights(self.ema):
+            info = save_final(cfg, accelerator, self.adapter, self.net, self.logger.last, cfg.method)
         if accelerator.is_main_process and self.skipped_total:
             used = cfg.max_steps * cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
             print(skipped_rows_line(self.skipped_total, used))

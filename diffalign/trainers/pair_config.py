@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import BaseTrainConfig, check
+from .ema_config import EMAOptions, validate_ema
 from ..data.variants import PERTURBATIONS, VariantDataOptions
 from ..losses.methods import (
     DPO, NOISING_MODES, OFFLINE_METHODS, CoPGOptions, IPOOptions, KTOOptions, MaPOOptions, OfflineMethod, TPOOptions, offline_method,
@@ -44,6 +45,8 @@ class PairTrainConfig(BaseTrainConfig):
     method: str = DPO.name
     data_opts: VariantDataOptions = field(default_factory=VariantDataOptions)
     loss: PairLossOptions = field(default_factory=PairLossOptions)
+    # EMA of the trained parameters; the saved weights are the EMA's (flow_grpo's convention, :mod:`.ema`)
+    ema: EMAOptions = field(default_factory=EMAOptions)
 
     @property
     def objective(self) -> type[OfflineMethod]:
@@ -78,6 +81,7 @@ class PairTrainConfig(BaseTrainConfig):
         method = self.objective
         check(self.loss.beta is None or self.loss.beta > 0 or not method.beta_required, "loss.beta", "must be > 0")
         self.loss.validate()
+        validate_ema(self.ema)
         check(self.data_opts.caption_perturbation in PERTURBATIONS, "data_opts.caption_perturbation",
               f"must be one of {', '.join(PERTURBATIONS)}")
         check(0.0 <= self.data_opts.empty_prompt_prob <= 1.0, "data_opts.empty_prompt_prob", "must be in [0, 1]")
