@@ -71,7 +71,7 @@ def tiny_clip_text_config(projection_dim: int = TINY_TEXT_DIM, hidden: int = TIN
     )
 
 
-def _tiny_vae(latent_channels: int = 4, shifted: bool = False):
+def tiny_vae(latent_channels: int = 4, shifted: bool = False):
     """A tiny AutoencoderKL that behaves like a trained one where training code can tell.
 
     Random init would give a posterior std near 1, so every ``latent_dist.sample()`` would be
@@ -136,7 +136,7 @@ def build_sd15(out: str | os.PathLike, seed: int = 0, prediction_type: str = "ep
         prediction_type=prediction_type,
     )
     pipe = StableDiffusionPipeline(
-        vae=_tiny_vae(),
+        vae=tiny_vae(),
         text_encoder=CLIPTextModel(tiny_clip_text_config()),
         tokenizer=tiny_clip_tokenizer(),
         unet=unet,
@@ -183,7 +183,7 @@ def build_sdxl(out: str | os.PathLike, seed: int = 0) -> Path:
         prediction_type="epsilon",
     )
     pipe = StableDiffusionXLPipeline(
-        vae=_tiny_vae(),
+        vae=tiny_vae(),
         text_encoder=CLIPTextModel(tiny_clip_text_config()),
         text_encoder_2=CLIPTextModelWithProjection(tiny_clip_text_config()),
         tokenizer=tiny_clip_tokenizer(),
@@ -252,7 +252,7 @@ def build_sd3(out: str | os.PathLike, seed: int = 0) -> Path:
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=scheduler,
-        vae=_tiny_vae(shifted=True),
+        vae=tiny_vae(shifted=True),
         text_encoder=CLIPTextModelWithProjection(tiny_clip_text_config()),
         tokenizer=tiny_clip_tokenizer(),
         text_encoder_2=CLIPTextModelWithProjection(tiny_clip_text_config()),
@@ -264,11 +264,14 @@ def build_sd3(out: str | os.PathLike, seed: int = 0) -> Path:
     return Path(out)
 
 
+from .tiny_flux import FLUX_BUILDERS  # noqa: E402  (its builders reuse the tokenizers and VAE above)
+
 BUILDERS = {
     "sd15": build_sd15,
     "sd21": lambda out, seed=0: build_sd15(out, seed, prediction_type="v_prediction"),
     "sdxl": build_sdxl,
     "sd3": build_sd3,
+    **FLUX_BUILDERS,
 }
 
 
