@@ -61,9 +61,11 @@ def test_on_policy_log_probs_dit_ratio_norm_and_epochs(tiny, tmp_path):
         assert 0.0 <= r["clip_fraction"] <= 1.0
 
 
-@pytest.mark.parametrize("config", ["mixgrpo.yaml", "branchgrpo.yaml", "dancegrpo.yaml"])
-def test_variant_configs_run(tiny, tmp_path, config):
-    model = tiny("sd3") if config != "mixgrpo.yaml" else tiny("sd15")
+@pytest.mark.parametrize("config,kind", [("mixgrpo.yaml", "sd15"), ("branchgrpo.yaml", "sd3"), ("dancegrpo.yaml", "sd3"),
+                                         ("mixgrpo.yaml", "flux"), ("branchgrpo.yaml", "flux"), ("mixgrpo.yaml", "flux2"),
+                                         ("branchgrpo.yaml", "flux2-klein"), ("dancegrpo.yaml", "flux2")])
+def test_variant_configs_run(tiny, tmp_path, config, kind):
+    model = tiny(kind)
     steps = "sampler.num_steps=4" if config == "mixgrpo.yaml" else "sampler.num_steps=5"
     _, rows = run(model, tmp_path, config, "max_steps=2", "prompts_per_step=2", "eval.num_prompts=2", "sampler.eval_num_steps=4",
                   steps)
@@ -74,6 +76,31 @@ def test_variant_configs_run(tiny, tmp_path, config):
     if config == "dancegrpo.yaml":
         assert rows[0]["transitions"] == 8 * 3  # 60% of 5 steps for each of the 8 samples
         assert "reward/redness" in rows[0] and "reward/contrast" in rows[0]
+
+
+@pytest.mark.parametrize("kind,step", [("flux", "flow_sde"), ("flux2", "cps"), ("flux2-klein", "dance")])
+def test_flux_families_train_on_policy_and_save_a_lora_their_pipeline_loads(tiny, tmp_path, kind, step):
+    """GRPO on each FLUX family (FLUX.1/FLUX.2-dev: embedded guidance, no unconditional pass; klein:
+    CFG): recorded == recomputed log-probs, and the saved LoRA changes the pipeline's own samples."""
+    import warnings
+
+    from diffusers import DiffusionPipeline
+
+    _, rows = run(tiny(kind), tmp_path, "grpo.yaml", *SMALL, f"sampler.step={step}", "optim.learning_rate=3e-2",
+                  "loss.kl_beta=0.05", "eval.every=-1")
+    assert all(r["logprob_mismatch"] < 1e-4 for r in rows)
+    assert rows[0]["kl"] < 1e-6 and rows[-1]["kl"] > 0
+
+    def sample(pipe):
+        return pipe(prompt="a cat", num_inference_steps=2, height=32, width=32, output_type="pt", max_sequence_length=64,
+                    generator=torch.Generator().manual_seed(0)).images
+
+    pipe = DiffusionPipeline.from_pretrained(tiny(kind))
+    before = sample(pipe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # peft warns when saved keys miss targets
+        pipe.load_lora_weights(str(tmp_path))
+    assert (sample(pipe) - before).abs().max() > 1e-4
 
 
 def test_reward_scoring_overlaps_next_rollout(tiny, tmp_path, monkeypatch):

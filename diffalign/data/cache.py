@@ -134,7 +134,7 @@ def cache_fingerprint(cfg, adapter) -> dict:
     return {
         "version": CACHE_VERSION, "model_content": model_content(cfg.model, cfg.model_opts.revision),
         "revision": cfg.model_opts.revision, "vae_content": model_content(cfg.model_opts.vae),
-        "scaling_factor": vae.scaling_factor, "shift_factor": getattr(vae, "shift_factor", None),
+        "scaling_factor": getattr(vae, "scaling_factor", None), "shift_factor": getattr(vae, "shift_factor", None),
         "data_content": data_content(cfg.data, o), "split": o.split, "caption_column": o.caption_column,
         "resolution": o.resolution,
         "flips": bool(o.random_flip), "drop_ties": o.drop_ties, "drop_identical": o.drop_identical,
