@@ -47,7 +47,7 @@ def _run(method, model, data, out, steps, *extra):
 
 
 LEARNING_CASES = [(kind, method, ()) for kind in ("sd15", "sd3") for method in ("dpo", "mapo")] + [
-    ("flux", "dpo", ()), ("flux", "mapo", ()), ("flux2", "dpo", ()), ("flux2-klein", "dpo", ())]
+    ("flux", "dpo", ()), ("flux2", "dpo", ()), ("flux2-klein", "dpo", ())]
 
 
 @pytest.mark.parametrize("kind,method,extra", LEARNING_CASES)
