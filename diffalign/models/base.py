@@ -128,6 +128,13 @@ class DiffusionAdapter:
     def text_encoders(self) -> list[torch.nn.Module]:
         return [m for m in (getattr(self.pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")) if m is not None]
 
+    def offload_text_encoders(self) -> None:
+        """Move the text encoders to the CPU, giving their accelerator memory back (T5-XXL, Mistral
+        and Qwen encoders are the largest frozen parts): for a run that trains from cached prompt
+        embeddings and encodes no prompt after this."""
+        for module in self.text_encoders():
+            module.to("cpu")
+
     def frozen_modules(self) -> list[torch.nn.Module]:
         return [self.vae, *self.text_encoders()]
 
