@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .tiny_flux import FLUX2_BUILDERS, flux_scheduler
+
 TINY_TEXT_DIM = 32
 TINY_MAX_LENGTH = 77
 
@@ -71,7 +73,7 @@ def tiny_clip_text_config(projection_dim: int = TINY_TEXT_DIM, hidden: int = TIN
     )
 
 
-def tiny_vae(latent_channels: int = 4, shifted: bool = False):
+def _tiny_vae(latent_channels: int = 4, shifted: bool = False):
     """A tiny AutoencoderKL that behaves like a trained one where training code can tell.
 
     Random init would give a posterior std near 1, so every ``latent_dist.sample()`` would be
@@ -136,7 +138,7 @@ def build_sd15(out: str | os.PathLike, seed: int = 0, prediction_type: str = "ep
         prediction_type=prediction_type,
     )
     pipe = StableDiffusionPipeline(
-        vae=tiny_vae(),
+        vae=_tiny_vae(),
         text_encoder=CLIPTextModel(tiny_clip_text_config()),
         tokenizer=tiny_clip_tokenizer(),
         unet=unet,
@@ -183,7 +185,7 @@ def build_sdxl(out: str | os.PathLike, seed: int = 0) -> Path:
         prediction_type="epsilon",
     )
     pipe = StableDiffusionXLPipeline(
-        vae=tiny_vae(),
+        vae=_tiny_vae(),
         text_encoder=CLIPTextModel(tiny_clip_text_config()),
         text_encoder_2=CLIPTextModelWithProjection(tiny_clip_text_config()),
         tokenizer=tiny_clip_tokenizer(),
@@ -252,7 +254,7 @@ def build_sd3(out: str | os.PathLike, seed: int = 0) -> Path:
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=scheduler,
-        vae=tiny_vae(shifted=True),
+        vae=_tiny_vae(shifted=True),
         text_encoder=CLIPTextModelWithProjection(tiny_clip_text_config()),
         tokenizer=tiny_clip_tokenizer(),
         text_encoder_2=CLIPTextModelWithProjection(tiny_clip_text_config()),
@@ -264,14 +266,44 @@ def build_sd3(out: str | os.PathLike, seed: int = 0) -> Path:
     return Path(out)
 
 
-from .tiny_flux import FLUX_BUILDERS  # noqa: E402  (its builders reuse the tokenizers and VAE above)
+def build_flux(out: str | os.PathLike, seed: int = 0, guidance_embeds: bool = True) -> Path:
+    """Tiny FLUX.1-layout pipeline: CLIP (pooled) + T5 encoders, one double and one single block.
+    ``guidance_embeds`` gives the dev flavour (guidance-distilled); False the schnell one."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    t5_dim = 2 * TINY_TEXT_DIM
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=t5_dim, pooled_projection_dim=TINY_TEXT_DIM, guidance_embeds=guidance_embeds,
+        axes_dims_rope=(2, 2, 4),
+    )
+    t5_tok = tiny_t5_tokenizer()
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_tok), d_model=t5_dim, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+        relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    ))
+    pipe = FluxPipeline(
+        scheduler=flux_scheduler(), vae=_tiny_vae(shifted=True), text_encoder=CLIPTextModel(tiny_clip_text_config()),
+        tokenizer=tiny_clip_tokenizer(), text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer,
+    )
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return Path(out)
+
+
+def build_flux_schnell(out: str | os.PathLike, seed: int = 0) -> Path:
+    return build_flux(out, seed, guidance_embeds=False)
+
 
 BUILDERS = {
     "sd15": build_sd15,
     "sd21": lambda out, seed=0: build_sd15(out, seed, prediction_type="v_prediction"),
     "sdxl": build_sdxl,
     "sd3": build_sd3,
-    **FLUX_BUILDERS,
+    "flux": build_flux,
+    "flux-schnell": build_flux_schnell,
+    **FLUX2_BUILDERS,
 }
 
 

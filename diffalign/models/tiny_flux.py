@@ -1,10 +1,10 @@
-"""Tiny random-init FLUX.1 / FLUX.2 pipelines (see :mod:`.tiny` for the conventions).
+"""Tiny random-init FLUX.2 pipelines, and FLUX's scheduler config (conventions: :mod:`.tiny`, which
+also holds the FLUX.1 builder next to the CLIP/T5 tokenizers and VAE it reuses).
 
-FLUX.1 reuses the tiny CLIP/T5 tokenizers and SD3's shifted VAE. FLUX.2's text encoders are
-decoder LLMs whose pipelines read fixed intermediate layers (Mistral3: 10, 20, 30; Qwen3: 9, 18,
-27), so the tiny encoders keep that depth with a width of 16; their tokenizers are byte-level BPE
-tokenizers built with the ``tokenizers`` library (no merges) plus a chat template of the same
-shape as the real one, saved as fast tokenizers.
+FLUX.2's text encoders are decoder LLMs whose pipelines read fixed intermediate layers (Mistral3:
+10, 20, 30; Qwen3: 9, 18, 27), so the tiny encoders keep that depth at a width of 16. Their
+tokenizers are byte-level BPE tokenizers built with the ``tokenizers`` library (no merges), with the
+special tokens and a chat template of the real one's shape, saved as fast tokenizers.
 """
 
 from __future__ import annotations
@@ -15,47 +15,12 @@ from pathlib import Path
 import torch
 
 
-def _flux_scheduler():
+def flux_scheduler():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     # FLUX.1's scheduler config: resolution-dependent shift (mu) instead of a fixed one
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                            max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
-
-
-def build_flux(out: str | os.PathLike, seed: int = 0, guidance_embeds: bool = True) -> Path:
-    """Tiny FLUX.1-layout pipeline: CLIP (pooled) + T5 encoders, one double and one single block.
-    ``guidance_embeds`` gives the dev flavour (guidance-distilled); False the schnell one."""
-    from diffusers import FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
-
-    # imported here: models.tiny imports this module for its BUILDERS table
-    from .tiny import TINY_TEXT_DIM, tiny_clip_text_config, tiny_clip_tokenizer, tiny_t5_tokenizer, tiny_vae
-
-    torch.manual_seed(seed)
-    t5_dim = 2 * TINY_TEXT_DIM
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=4,
-        joint_attention_dim=t5_dim, pooled_projection_dim=TINY_TEXT_DIM, guidance_embeds=guidance_embeds,
-        axes_dims_rope=(2, 2, 4),
-    )
-    t5_tok = tiny_t5_tokenizer()
-    t5 = T5EncoderModel(T5Config(
-        vocab_size=len(t5_tok), d_model=t5_dim, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-        relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-    ))
-    pipe = FluxPipeline(
-        scheduler=_flux_scheduler(), vae=tiny_vae(shifted=True), text_encoder=CLIPTextModel(tiny_clip_text_config()),
-        tokenizer=tiny_clip_tokenizer(), text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer,
-    )
-    pipe.save_pretrained(str(out), safe_serialization=True)
-    return Path(out)
-
-
-def build_flux_schnell(out: str | os.PathLike, seed: int = 0) -> Path:
-    return build_flux(out, seed, guidance_embeds=False)
-
-
 
 
 # ------------------------------------------------------------------------------------ FLUX.2
@@ -195,7 +160,7 @@ def build_flux2(out: str | os.PathLike, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     processor = tiny_mistral_processor()
-    pipe = Flux2Pipeline(scheduler=_flux_scheduler(), vae=tiny_flux2_vae(), text_encoder=tiny_mistral3_encoder(processor),
+    pipe = Flux2Pipeline(scheduler=flux_scheduler(), vae=tiny_flux2_vae(), text_encoder=tiny_mistral3_encoder(processor),
                          tokenizer=processor, transformer=_flux2_transformer(3 * TINY_LLM_DIM, guidance_embeds=True))
     pipe.save_pretrained(str(out), safe_serialization=True)
     return Path(out)
@@ -207,10 +172,10 @@ def build_flux2_klein(out: str | os.PathLike, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     tokenizer = tiny_qwen3_tokenizer()
-    pipe = Flux2KleinPipeline(scheduler=_flux_scheduler(), vae=tiny_flux2_vae(), text_encoder=tiny_qwen3_encoder(tokenizer),
+    pipe = Flux2KleinPipeline(scheduler=flux_scheduler(), vae=tiny_flux2_vae(), text_encoder=tiny_qwen3_encoder(tokenizer),
                               tokenizer=tokenizer, transformer=_flux2_transformer(3 * TINY_LLM_DIM, guidance_embeds=False))
     pipe.save_pretrained(str(out), safe_serialization=True)
     return Path(out)
 
 
-FLUX_BUILDERS = {"flux": build_flux, "flux-schnell": build_flux_schnell, "flux2": build_flux2, "flux2-klein": build_flux2_klein}
+FLUX2_BUILDERS = {"flux2": build_flux2, "flux2-klein": build_flux2_klein}
