@@ -1,12 +1,20 @@
 """Time GRPO steps: rollout vs train seconds per step, per variant config, on one model.
 
     python benchmarks/grpo_step.py --model DIR [--configs grpo mixgrpo branchgrpo dancegrpo] [--steps 3]
-    python benchmarks/grpo_step.py --tiny sd15 sd3          # builds tiny models in a temp dir
+    python benchmarks/grpo_step.py --tiny sd15 sd3 flux     # builds tiny models in a temp dir
+    python benchmarks/grpo_step.py --arch flux --configs grpo --set sampler.resolution=1024 mixed_precision=bf16 \
+        sampler.num_steps=6 batch_size=4 group_size=4 prompts_per_step=1 train_batch_size=4 \
+        model_opts.gradient_checkpointing=true                  # GPU: the real FLUX.1-dev transformer
+    python benchmarks/grpo_step.py --arch flux --layers 1 --configs grpo --steps 2 --set sampler.resolution=64 \
+        batch_size=2 group_size=2 prompts_per_step=1 train_batch_size=2 sampler.num_steps=2   # CPU smoke run
 
 Runs ``diffalign.trainers.grpo.train_grpo`` with ``diffalign/configs/tiny/<name>.yaml`` (plus ``--set
 key=value`` overrides) and prints the mean ``rollout_seconds`` / ``train_seconds`` over the steps
 after the first (warm-up), the model rows per step and ``logprob_mismatch``. ``--json`` writes the
 table. Runs on a GPU when one is visible (accelerate's default device), else on the CPU.
+``--arch flux`` trains the real FLUX.1-dev architecture with random weights, built in memory by
+``pair_step.build_adapter`` (no checkpoint needed; ``--layers N`` keeps N blocks of each kind); the
+table then adds the peak GPU memory.
 """
 
 from __future__ import annotations
@@ -22,8 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def bench(model: str, config: str, steps: int, overrides: list[str], out_root: Path) -> dict:
+    import torch
+
     from diffalign.config import load_config
     from diffalign.trainers.grpo import train_grpo
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
 
     out = out_root / f"{Path(model).name}-{config}"
     cfg = load_config(ROOT / "diffalign" / "configs" / "tiny" / f"{config}.yaml",
@@ -38,13 +51,33 @@ def bench(model: str, config: str, steps: int, overrides: list[str], out_root: P
         "rollout_seconds": round(mean("rollout_seconds"), 3), "train_seconds": round(mean("train_seconds"), 3),
         "reward_wait_seconds": round(mean("reward_wait_seconds"), 3), "transitions": timed[-1]["transitions"],
         "model_rows": timed[-1]["model_rows"], "logprob_mismatch": max(h["logprob_mismatch"] for h in hist),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
     }
+
+
+def use_in_memory_architecture(arch: str, layers: int | None) -> str:
+    """Make the trainer's ``load_adapter`` build ``arch`` with random weights (pair_step's builder);
+    returns the name the runs report as their model."""
+    import diffalign.trainers.common as common
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from pair_step import build_adapter
+
+    def load(model, opts=None, dtype=None, device="cpu"):
+        import torch
+
+        return build_adapter(arch, opts, torch.device(device), dtype or torch.float32, layers)
+
+    common.load_adapter = load
+    return f"{arch}-architecture" + (f"-{layers}layers" if layers else "")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", nargs="*", default=[], help="diffusers model dirs / hub ids")
-    p.add_argument("--tiny", nargs="*", default=[], help="tiny model kinds to build (sd15, sd21, sdxl, sd3)")
+    p.add_argument("--tiny", nargs="*", default=[], help="tiny model kinds to build (sd15, sd21, sdxl, sd3, flux, flux2, ...)")
+    p.add_argument("--arch", default=None, help="flux: the real FLUX.1-dev architecture, random weights, in memory")
+    p.add_argument("--layers", type=int, default=None, help="with --arch: keep N double + N single blocks (smoke runs)")
     p.add_argument("--configs", nargs="*", default=["grpo", "mixgrpo", "branchgrpo", "dancegrpo"])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--set", nargs="*", default=[], dest="overrides", help="extra key=value config overrides")
@@ -59,8 +92,10 @@ def main(argv=None) -> int:
         from diffalign.models.tiny import BUILDERS
 
         models += [str(BUILDERS[k](tmp / f"tiny-{k}")) for k in args.tiny]
+    if args.arch:
+        models.append(use_in_memory_architecture(args.arch, args.layers))
     if not models:
-        p.error("give --model DIR or --tiny KIND")
+        p.error("give --model DIR, --tiny KIND or --arch flux")
     rows = []
     for m in models:
         for c in args.configs:

@@ -4,9 +4,15 @@
     python benchmarks/pair_step.py --arch sd15 --resolution 512 --dtype bf16 --batch 4   # GPU
     python benchmarks/pair_step.py --arch sd3 --resolution 1024 --dtype bf16 --batch 1 --lora 32
 
-``--arch sd15|sd3`` builds the *real* architectures (diffusers' SD1.5 UNet / SD3-medium
-transformer configs, CLIP ViT-L text tower, SD VAE) with random weights in memory, so no
-weights are needed; ``--quick`` uses the tiny test models. Each row times full optimizer steps
+``--arch sd15|sd3|flux`` builds the *real* architectures (diffusers' SD1.5 UNet / SD3-medium /
+FLUX.1-dev transformer configs, CLIP ViT-L text tower, SD/FLUX VAE) with random weights in memory,
+so no weights are needed; ``--quick`` uses the tiny test models. FLUX's T5-XXL keeps its width
+(4096, the transformer's input) but one layer: prompts are encoded outside the timed step when the
+cache is on. ``--layers N`` keeps only N double and N single blocks (a CPU smoke check):
+
+    python benchmarks/pair_step.py --arch flux --resolution 1024 --dtype bf16 --batch 1 --lora 32 --cache on
+    python benchmarks/pair_step.py --arch flux --layers 1 --resolution 64 --dtype fp32 --lora 4 --steps 1 --warmup 0 \
+        --methods dpo --attention sdpa --checkpointing on --cache on     # CPU: does it run Each row times full optimizer steps
 (encode, one fused chosen+rejected forward, reference forward for DPO, backward, AdamW) after
 warm-up, over a grid of method x attention kernel x gradient checkpointing x latent/text cache. Prints a Markdown table and writes ``--json``.
 """
@@ -40,11 +46,22 @@ SD3_MEDIUM = dict(
     joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
     pos_embed_max_size=192,
 )
+# black-forest-labs/FLUX.1-dev transformer/config.json (12B): 19 double-stream + 38 single-stream blocks
+FLUX_DEV = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
+FLUX_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.3611,
+    shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 
 
-def build_adapter(arch: str, opts, device, dtype):
-    """An adapter around an in-memory pipeline: real architecture (or tiny), random weights."""
+def build_adapter(arch: str, opts, device, dtype, layers: int | None = None):
+    """An adapter around an in-memory pipeline: real architecture (or tiny), random weights.
+    ``layers``: keep only that many blocks of each kind (FLUX), for smoke runs."""
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -52,7 +69,7 @@ def build_adapter(arch: str, opts, device, dtype):
     from diffalign.models.tiny import tiny_clip_tokenizer
 
     torch.manual_seed(0)
-    if arch in ("tiny-sd15", "tiny-sd3"):
+    if arch.startswith("tiny-"):
         import tempfile
 
         from diffalign.models import load_adapter
@@ -80,6 +97,26 @@ def build_adapter(arch: str, opts, device, dtype):
             text_encoder_2=CLIPTextModelWithProjection(clip_g), tokenizer_2=tiny_clip_tokenizer(),
             text_encoder_3=None, tokenizer_3=None)  # T5 absent: zeros, as diffusers allows
         adapter = SD3Adapter(pipe, "sd3-medium-architecture (random weights)", opts)
+    elif arch == "flux":
+        from transformers import T5Config, T5EncoderModel
+
+        from diffalign.models import FluxAdapter
+        from diffalign.models.tiny import tiny_t5_tokenizer
+
+        config = dict(FLUX_DEV)
+        if layers:
+            config.update(num_layers=layers, num_single_layers=layers)
+        with torch.device(device):  # 12B random weights: initialise on the GPU, not the CPU
+            transformer = diffusers.FluxTransformer2DModel(**config).to(dtype)
+        t5_tok = tiny_t5_tokenizer()
+        t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=4096, d_kv=64, d_ff=10240, num_layers=1, num_heads=64,
+                                     decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+        pipe = diffusers.FluxPipeline(
+            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+            vae=diffusers.AutoencoderKL(**FLUX_VAE), text_encoder=CLIPTextModel(clip_l), tokenizer=tiny_clip_tokenizer(),
+            text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer)
+        adapter = FluxAdapter(pipe, "flux1-dev-architecture (random weights)", opts)
     else:
         raise SystemExit(f"unknown --arch {arch}")
     return adapter.to(device, dtype)
@@ -91,7 +128,7 @@ def run_case(args, method: str, attention: str, checkpointing: bool, device, cac
     from diffalign.trainers.pair import PairTrainConfig, pair_forward, pair_loss
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    adapter = build_adapter(args.arch, ModelOptions(attention=attention), device, dtype)
+    adapter = build_adapter(args.arch, ModelOptions(attention=attention), device, dtype, args.layers)
     net = adapter.denoiser
     if checkpointing:
         net.enable_gradient_checkpointing()
@@ -171,7 +208,8 @@ def run_case(args, method: str, attention: str, checkpointing: bool, device, cac
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny models on CPU, fp32, 32 px")
-    p.add_argument("--arch", default="sd15", help="sd15 | sd3 (real architectures) | tiny-sd15 | tiny-sd3")
+    p.add_argument("--arch", default="sd15", help="sd15 | sd3 | flux (real architectures) | tiny-sd15 | tiny-sd3 | tiny-flux")
+    p.add_argument("--layers", type=int, default=None, help="flux: keep N double + N single blocks (smoke runs)")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])

@@ -39,6 +39,7 @@ class ModelOptions:
     compile: bool = False  # torch.compile the denoiser (in place, so adapters can still be toggled)
     compile_backend: str = "inductor"
     max_sequence_length: int = 256  # T5 tokens for SD3/FLUX prompts
+    guidance: float = 3.5  # guidance-distilled models (FLUX.1-dev, FLUX.2-dev): the guidance input of forwards without a sampler (pair methods); diffusers' FLUX LoRA scripts train at 3.5
     timestep_sampling: str = "uniform"  # flow models: uniform | logit_normal | mode
     logit_mean: float = 0.0
     logit_std: float = 1.0

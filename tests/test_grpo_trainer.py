@@ -61,10 +61,13 @@ def test_on_policy_log_probs_dit_ratio_norm_and_epochs(tiny, tmp_path):
         assert 0.0 <= r["clip_fraction"] <= 1.0
 
 
-@pytest.mark.parametrize("kind", ["sd", "qwenimage"])  # sd: sd15 for mixgrpo (DDIM-eta windows), sd3 otherwise
-@pytest.mark.parametrize("config", ["mixgrpo.yaml", "mixgrpo_flash.yaml", "branchgrpo.yaml", "dancegrpo.yaml"])
+@pytest.mark.parametrize("config,kind", [
+    *((c, "sd15" if c == "mixgrpo.yaml" else "sd3") for c in ("mixgrpo.yaml", "mixgrpo_flash.yaml", "branchgrpo.yaml", "dancegrpo.yaml")),
+    *((c, "qwenimage") for c in ("mixgrpo.yaml", "mixgrpo_flash.yaml", "branchgrpo.yaml", "dancegrpo.yaml")),
+    ("mixgrpo.yaml", "flux"), ("branchgrpo.yaml", "flux"), ("mixgrpo.yaml", "flux2"),
+    ("branchgrpo.yaml", "flux2-klein"), ("dancegrpo.yaml", "flux2")])
 def test_variant_configs_run(tiny, tmp_path, config, kind):
-    model = tiny(kind) if kind != "sd" else tiny("sd3") if config != "mixgrpo.yaml" else tiny("sd15")
+    model = tiny(kind)
     steps = {"mixgrpo.yaml": "sampler.num_steps=4", "mixgrpo_flash.yaml": "sampler.num_steps=6"}.get(config, "sampler.num_steps=5")
     _, rows = run(model, tmp_path, config, "max_steps=2", "prompts_per_step=2", "eval.num_prompts=2", "sampler.eval_num_steps=4",
                   steps)
@@ -85,23 +88,32 @@ def test_variant_configs_run(tiny, tmp_path, config, kind):
         assert "reward/redness" in rows[0] and "reward/contrast" in rows[0]
 
 
-@pytest.mark.parametrize("step", ["flow_sde", "cps", "dance"])
-def test_qwenimage_grpo_per_step_kind_saves_a_lora_its_pipeline_loads(tiny, tmp_path, step):
-    """True CFG in rollout and training: recomputed == recorded log-probs; the LoRA saved by a GRPO run
-    loads through ``QwenImagePipeline.load_lora_weights`` without missing keys and changes its output."""
+def _pipeline_sample(kind, pipe):
+    g = torch.Generator().manual_seed(0)
+    if kind == "qwenimage":  # true CFG against the empty negative prompt
+        return pipe("a red apple", negative_prompt="", true_cfg_scale=4.5, num_inference_steps=3, height=32, width=32,
+                    output_type="pt", generator=g).images
+    return pipe(prompt="a cat", num_inference_steps=2, height=32, width=32, output_type="pt", max_sequence_length=64,
+                generator=g).images
+
+
+@pytest.mark.parametrize("kind,step", [("qwenimage", "cps"), ("flux", "flow_sde"), ("flux2", "cps"), ("flux2-klein", "dance")])
+def test_new_families_train_on_policy_and_save_a_lora_their_pipeline_loads(tiny, tmp_path, kind, step):
+    """GRPO on Qwen-Image (true CFG) and each FLUX family (FLUX.1/FLUX.2-dev: embedded guidance, no
+    unconditional pass; klein: CFG): recorded == recomputed log-probs, the KL to the reference moves
+    off 0, and the saved LoRA loads through the pipeline's ``load_lora_weights`` without missing keys
+    and changes its own samples."""
     import warnings
 
     from diffusers import DiffusionPipeline
 
-    model = tiny("qwenimage")
-    _, rows = run(model, tmp_path, "grpo.yaml", *SMALL, f"sampler.step={step}", "optim.learning_rate=3e-2")
+    _, rows = run(tiny(kind), tmp_path, "grpo.yaml", *SMALL, f"sampler.step={step}", "optim.learning_rate=3e-2",
+                  "loss.kl_beta=0.05", "eval.every=-1")
     assert all(r["logprob_mismatch"] < 1e-4 for r in rows) and rows[-1]["transitions"] > 0
+    assert rows[0]["kl"] < 1e-6 and rows[-1]["kl"] > 0
 
-    def sample(pipe):
-        return pipe("a red apple", negative_prompt="", true_cfg_scale=4.5, num_inference_steps=3, height=32, width=32,
-                    output_type="pt", generator=torch.Generator().manual_seed(0)).images
-
-    pipe = DiffusionPipeline.from_pretrained(model)
+    pipe = DiffusionPipeline.from_pretrained(tiny(kind))
+    sample = lambda p: _pipeline_sample(kind, p)  # noqa: E731
     before = sample(pipe)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # peft warns when saved keys miss targets

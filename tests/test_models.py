@@ -11,7 +11,7 @@ from diffalign.models import FAMILIES, AttentionError, UnsupportedModelError, de
 from diffalign.models.tiny import BUILDERS
 
 # every family by its own tiny model, plus the tiny variants of a family (sd21: sd15 with v-prediction)
-KINDS = [*((name, cls) for name, cls in FAMILIES.items()), ("sd21", FAMILIES["sd15"])]
+KINDS = [*((name, cls) for name, cls in FAMILIES.items()), ("sd21", FAMILIES["sd15"]), ("flux-schnell", FAMILIES["flux"])]
 
 
 def test_every_family_has_a_tiny_builder_and_its_pipeline_class():
@@ -132,3 +132,35 @@ def test_dit_attention_backend_gives_same_output(tiny_model):
         torch.testing.assert_close(math_backend.predict(x, t, cond), default.predict(x, t, cond), rtol=1e-4, atol=1e-5)
     with pytest.raises(AttentionError, match="not_a_backend"):
         load_adapter(tiny_model("sd3"), ModelOptions(attention="diffusers:not_a_backend"))
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_default_lora_targets_each_match_a_linear_layer(tiny_model, kind):
+    """A default target that names no module would silently train less than the family's scripts do."""
+    a = load_adapter(tiny_model(kind))
+    names = [n for n, m in a.denoiser.named_modules() if isinstance(m, torch.nn.Linear)]
+    for target in a.default_lora_targets:
+        assert any(n == target or n.endswith("." + target) for n in names), target
+
+
+def test_flux_guidance_input_and_packing(tiny_model):
+    """FLUX.1-dev: the guidance value is a network input (model_opts.guidance without a sampler,
+    the sampler's value via with_guidance); schnell has none. Packing is FluxPipeline's 2x2 layout."""
+    from diffalign.models.flux import pack_patches, patch_position_ids, unpack_patches
+
+    x = torch.arange(2 * 4 * 4 * 6, dtype=torch.float32).view(2, 4, 4, 6)
+    tokens = pack_patches(x)
+    assert tokens.shape == (2, 6, 16)
+    # token (row 0, col 1) holds channel 0's 2x2 patch at rows 0-1, cols 2-3 first
+    assert tokens[0, 1, :4].tolist() == [x[0, 0, 0, 2], x[0, 0, 0, 3], x[0, 0, 1, 2], x[0, 0, 1, 3]]
+    assert torch.equal(unpack_patches(tokens, 4, 6), x)
+    assert patch_position_ids(4, 6)[4].tolist() == [0.0, 1.0, 1.0]
+    dev = load_adapter(tiny_model("flux"), ModelOptions(guidance=2.0))
+    cond = dev.encode_prompt(["a cat"])
+    xt, t = torch.randn(1, *dev.latent_shape(32, 32)), torch.tensor([500.0])
+    with torch.no_grad():
+        default = dev.predict(xt, t, cond)
+        torch.testing.assert_close(dev.predict(xt, t, dev.with_guidance(cond, 2.0)), default)
+        assert not torch.allclose(dev.predict(xt, t, dev.with_guidance(cond, 5.0)), default)
+    schnell = load_adapter(tiny_model("flux-schnell"))
+    assert schnell.distilled_guidance and schnell.with_guidance(cond, 5.0) is cond

@@ -115,7 +115,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser("tiny-model", help="write a tiny random-init model in diffusers format (offline)")
-    p.add_argument("kind", metavar="KIND", help="sd15, sd21, sdxl, sd3, or a reward model kind (clip, pickscore, ...)")
+    p.add_argument("kind", metavar="KIND", help="sd15, sd21, sdxl, sd3, flux, flux-schnell, flux2, flux2-klein, or a reward model kind (clip, pickscore, ...)")
     p.add_argument("dir", metavar="DIR", help="output directory (created)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random init (default 0)")
     p.set_defaults(func=cmd_tiny_model)

@@ -7,6 +7,8 @@ import torch
 from ..errors import UserError
 from .base import AttentionError, Cond, DiffusionAdapter, SamplingSchedule, cat_cond, index_cond, repeat_cond
 from .flow import FlowMatchAdapter
+from .flux import FluxAdapter
+from .flux2 import Flux2Adapter, Flux2KleinAdapter
 from .qwenimage import QwenImageAdapter
 from .sd3 import SD3Adapter
 from .unet import SDXLAdapter, UNetAdapter
@@ -15,7 +17,8 @@ from .unet import SDXLAdapter, UNetAdapter
 # ``models.tiny.BUILDERS``). A new family is one adapter module here plus one line in this table
 # (and its tiny builder): the adapter carries its pipeline class, load kwargs, training noise,
 # sampling schedule and inversion, so nothing outside ``models/`` branches on the family.
-FAMILIES: dict[str, type[DiffusionAdapter]] = {cls.family: cls for cls in (UNetAdapter, SDXLAdapter, SD3Adapter, QwenImageAdapter)}
+FAMILIES: dict[str, type[DiffusionAdapter]] = {cls.family: cls for cls in (
+    UNetAdapter, SDXLAdapter, SD3Adapter, FluxAdapter, Flux2Adapter, Flux2KleinAdapter, QwenImageAdapter)}
 # pipeline class name in model_index.json -> adapter class
 PIPELINES: dict[str, type[DiffusionAdapter]] = {cls.pipeline_class: cls for cls in FAMILIES.values()}
 
@@ -73,6 +76,7 @@ def load_adapter(model: str, opts=None, dtype: torch.dtype = torch.float32, devi
 
 
 __all__ = [
-    "AttentionError", "Cond", "DiffusionAdapter", "FAMILIES", "FlowMatchAdapter", "PIPELINES", "QwenImageAdapter", "SD3Adapter",
+    "AttentionError", "Cond", "DiffusionAdapter", "FAMILIES", "FlowMatchAdapter", "Flux2Adapter", "Flux2KleinAdapter", "FluxAdapter",
+    "PIPELINES", "QwenImageAdapter", "SD3Adapter",
     "SDXLAdapter", "SamplingSchedule", "UNetAdapter", "UnsupportedModelError", "cat_cond", "detect_family", "index_cond", "load_adapter", "repeat_cond",
 ]

@@ -97,6 +97,11 @@ class DiffusionAdapter:
     # UNet LoRAs are saved in diffusers' legacy key format (as its SD/SDXL LoRA scripts do);
     # DiT loaders expect peft's own keys (as its SD3/FLUX scripts save them).
     lora_keys_in_diffusers_format: bool = True
+    # True where the pipeline's ``guidance_scale`` is not classifier-free guidance: a guidance-distilled
+    # checkpoint (FLUX.1-dev, FLUX.2-dev) takes the value as a network input (:meth:`with_guidance`), a
+    # step-distilled one (FLUX.1-schnell) ignores it. Samplers then run one conditional forward per
+    # step and never an unconditional one, as those pipelines do.
+    distilled_guidance: bool = False
 
     def __init__(self, pipe, model_id: str, opts) -> None:
         self.pipe = pipe
@@ -122,6 +127,13 @@ class DiffusionAdapter:
 
     def text_encoders(self) -> list[torch.nn.Module]:
         return [m for m in (getattr(self.pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")) if m is not None]
+
+    def offload_text_encoders(self) -> None:
+        """Move the text encoders to the CPU, giving their accelerator memory back (T5-XXL, Mistral
+        and Qwen encoders are the largest frozen parts): for a run that trains from cached prompt
+        embeddings and encodes no prompt after this."""
+        for module in self.text_encoders():
+            module.to("cpu")
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         return [self.vae, *self.text_encoders()]
@@ -279,6 +291,11 @@ class DiffusionAdapter:
         x = latents.to(vae.dtype) / vae.config.scaling_factor + shift
         images = vae.decode(x, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def with_guidance(self, cond: Cond, guidance_scale: float) -> Cond:
+        """``cond`` for sampling at ``guidance_scale`` when :attr:`distilled_guidance`: a guidance-distilled
+        family adds the value as the network input its pipeline passes; others return ``cond``."""
+        return cond
 
     # ----------------------------------------------------------------------- abstract
     def encode_prompt(self, prompts: list[str]) -> Cond:

@@ -38,15 +38,16 @@ class GuidedModel:
 
     ``cond`` holds one row per prompt; ``uncond`` one row (the empty prompt) or None.
     ``guidance_scale <= 1`` or ``uncond=None`` runs the conditional branch only (training without
-    CFG). ``max_rows`` splits large batches into forwards of at most that many rows (each CFG
+    CFG). A family with ``adapter.distilled_guidance`` (FLUX) never runs CFG: ``guidance_scale`` goes
+    into the conditioning (``adapter.with_guidance``), as its pipeline passes it. ``max_rows`` splits large batches into forwards of at most that many rows (each CFG
     forward holds ``2 * rows``). ``calls`` / ``rows`` count forwards and rows for benchmarks.
     """
 
     def __init__(self, adapter, cond: Cond, uncond: Cond | None = None, guidance_scale: float = 1.0,
                  max_rows: int | None = None) -> None:
         self.adapter = adapter
-        self.cond = cond
-        self.uncond = uncond
+        self.cond = adapter.with_guidance(cond, guidance_scale) if adapter.distilled_guidance else cond
+        self.uncond = None if adapter.distilled_guidance else uncond
         self.guidance_scale = float(guidance_scale)
         self.max_rows = max_rows
         self.calls = 0

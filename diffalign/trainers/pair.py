@@ -165,7 +165,9 @@ class PairRecipe:
     def _dataloader(self):
         cfg, accelerator = self.cfg, self.accelerator
         if cfg.data_opts.cache_dir:
-            return cached_dataloader(cfg, self.adapter, accelerator)
+            loader = cached_dataloader(cfg, self.adapter, accelerator)
+            self.adapter.offload_text_encoders()  # the cache holds every prompt embedding training reads
+            return loader
         return variant_dataloader(cfg, rank=accelerator.process_index, world_size=accelerator.num_processes)
 
     def _resume(self, loader) -> None:
