@@ -28,7 +28,7 @@ from ..config import ConfigError
 from ..losses.forward import awm_log_prob, nft_loss, nft_optimality, old_policy_decay, velocity_kl
 from ..losses.grpo import grpo_clip_loss
 from ..optim_step import guarded_backward, guarded_step
-from ..pipelines import DeterministicStep, GuidedModel, RolloutPlan, split_prediction
+from ..pipelines import DeterministicStep, GuidedModel, RolloutPlan, make_step_kind, split_prediction
 from ..tensors import per_row
 from .advantages import rollout_advantages, zero_std_group_fraction
 from .common import mean_across_processes
@@ -102,8 +102,12 @@ class ForwardRLRecipe(GRPORecipe):
             raise ConfigError(f"config key 'model': method {self.cfg.method} trains a flow-matching model "
                               f"(SD3/FLUX-style); {self.cfg.model!r} is a {self.adapter.family} model")
         self._setup_tables()
-        self.kind = DeterministicStep(0.0)  # every rollout step runs the ODE solver
-        self.step_std = torch.zeros(self.cfg.sampler.num_steps)
+        s = self.cfg.sampler
+        # ODE rollouts: every step runs the solver; sde_rollouts: the sampler's stochastic step (no
+        # log-prob is used, only the final images)
+        self.kind = (make_step_kind(s.step, s.noise_level, True, s.cps_logprob) if self.cfg.forward.sde_rollouts
+                     else DeterministicStep(0.0))
+        self.step_std = self.kind.std(self.table.coeffs(torch.arange(s.num_steps)))
 
     @contextlib.contextmanager
     def sampling_weights(self):

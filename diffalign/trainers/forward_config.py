@@ -37,6 +37,9 @@ class ForwardOptions:
     # the table) | stratified: one step per stratum of the allowed range, shared by the batch
     # (AWM's "discrete" time types)
     timestep_draw: str = "per_sample"
+    # stochastic rollouts (sampler.step / noise_level, e.g. Flow-SDE) instead of the ODE: any sampler
+    # works for these methods; with noise a group may share its initial noise (sampler.shared_noise)
+    sde_rollouts: bool = False
     # weight of mean((v - v_ref)^2) to the reference (LoRA disabled); both releases call it train.beta
     kl_beta: float = 1.0e-4
 
@@ -92,9 +95,9 @@ class ForwardRLConfig(GRPOConfig):
 
     def validate(self) -> None:
         super().validate()
-        check(not self.sampler.shared_noise, "sampler.shared_noise",
+        check(not self.sampler.shared_noise or self.forward.sde_rollouts, "sampler.shared_noise",
               f"must be false for {self.method}: rollouts are deterministic (ODE), so a group sharing its "
-              "initial noise would be one image repeated")
+              "initial noise would be one image repeated (set forward.sde_rollouts=true for stochastic rollouts)")
         f = self.forward
         check(f.train_timesteps is None or f.train_timesteps >= 1, "forward.train_timesteps", "must be >= 1 or null")
         check(0 < f.timestep_fraction <= 1, "forward.timestep_fraction", "must be in (0, 1]")
