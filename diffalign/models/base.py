@@ -116,19 +116,62 @@ class DiffusionAdapter:
     def denoiser(self, module: torch.nn.Module) -> None:
         setattr(self.pipe, self.denoiser_name, module)
 
+    TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
     @property
     def vae(self):
+        if self.pipe.vae is None and self.encoders_released:
+            raise RuntimeError("the VAE was released (training reads the latent cache); call restore_encoders() first")
         return self.pipe.vae
 
+    @property
+    def vae_config(self):
+        """The VAE's config (scaling and shift factors, block widths); kept when the VAE is released."""
+        return self._released["vae_config"] if self.encoders_released else self.pipe.vae.config
+
     def text_encoders(self) -> list[torch.nn.Module]:
-        return [m for m in (getattr(self.pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")) if m is not None]
+        return [m for m in (getattr(self.pipe, n, None) for n in self.TEXT_ENCODER_NAMES) if m is not None]
 
     def frozen_modules(self) -> list[torch.nn.Module]:
-        return [self.vae, *self.text_encoders()]
+        return [m for m in (self.pipe.vae, *self.text_encoders()) if m is not None]
+
+    @property
+    def encoders_released(self) -> bool:
+        return getattr(self, "_released", None) is not None
+
+    def release_encoders(self) -> None:
+        """Drop the VAE and text encoders (their memory is freed once nothing else holds them).
+
+        For training from the latent cache, which holds every latent moment and prompt embedding
+        the step reads: the step then keeps only the denoiser. What the step still needs of the VAE
+        (its config, device, dtype) is kept; :meth:`restore_encoders` loads them back."""
+        if self.encoders_released:
+            return
+        vae = self.pipe.vae
+        self._released = {"vae_config": vae.config, "device": next(vae.parameters()).device,
+                          "dtype": next(vae.parameters()).dtype}
+        self.pipe.vae = None
+        for name in self.TEXT_ENCODER_NAMES:
+            if getattr(self.pipe, name, None) is not None:
+                setattr(self.pipe, name, None)
+
+    def restore_encoders(self) -> None:
+        """Load the VAE and text encoders released by :meth:`release_encoders` again (from
+        ``model_id``, in the dtype and on the device they had)."""
+        if not self.encoders_released:
+            return
+        from . import load_adapter
+
+        released, self._released = self._released, None
+        fresh = load_adapter(self.model_id, self.opts, dtype=released["dtype"], device=released["device"])
+        self.pipe.vae = fresh.pipe.vae
+        for name in self.TEXT_ENCODER_NAMES:
+            if getattr(fresh.pipe, name, None) is not None:
+                setattr(self.pipe, name, getattr(fresh.pipe, name))
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return 2 ** (len(self.vae_config.block_out_channels) - 1)
 
     @property
     def latent_channels(self) -> int:
@@ -140,7 +183,14 @@ class DiffusionAdapter:
 
     @property
     def device(self) -> torch.device:
+        if self.encoders_released:
+            return self._released["device"]
         return next(self.vae.parameters()).device
+
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        """The dtype the VAE encodes and decodes in."""
+        return self._released["dtype"] if self.encoders_released else self.vae.dtype
 
     def to(self, device, dtype: torch.dtype | None = None) -> "DiffusionAdapter":
         """Move all components; ``dtype`` applies to the frozen parts (VAE, text encoders)."""
@@ -240,6 +290,7 @@ class DiffusionAdapter:
 
     def save_full(self, output_dir: str) -> None:
         """Write the whole pipeline (trained denoiser included) as a diffusers model dir."""
+        self.restore_encoders()  # a pipeline dir needs every component
         self.pipe.save_pretrained(output_dir, safe_serialization=True)
 
     # ----------------------------------------------------------------------- images
@@ -259,17 +310,16 @@ class DiffusionAdapter:
     def latents_from_moments(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Sample the posterior and scale, exactly as ``latent_dist.sample()`` would: cached and
         uncached training draw the same numbers from the same RNG."""
-        vae = self.vae
-        mean = mean.to(vae.device, vae.dtype)
+        mean = mean.to(self.device, self.latent_dtype)
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype) if generator is None \
             else torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
         return self.scale_latents(mean + std.to(mean.device, mean.dtype) * noise)
 
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Raw VAE latents -> the denoiser's space: ``(z - shift_factor) * scaling_factor``."""
-        cfg = self.vae.config
+        cfg = self.vae_config
         shift = getattr(cfg, "shift_factor", None) or 0.0
-        return ((latents.to(self.vae.device) - shift) * cfg.scaling_factor).float()
+        return ((latents.to(self.device) - shift) * cfg.scaling_factor).float()
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
