@@ -89,7 +89,7 @@ class DataOptions:
     # (the same estimator: fresh timestep and noise every step; diffalign.data.cache). Built on
     # first use, content-keyed; false: encode every batch with the VAE and text encoders.
     cache: bool = True
-    cache_dir: str | None = None  # where the cache lives; None: $DIFFALIGN_CACHE/latents/<content key> (~/.cache/diffalign)
+    cache_dir: str | None = None  # where the cache lives; None: ~/.cache/diffalign/latents/<content key> ($DIFFALIGN_LATENT_CACHE / $DIFFALIGN_CACHE move it)
     num_workers: int = 0
 
 

@@ -15,6 +15,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def latent_cache_root(tmp_path_factory):
+    """The pair trainer's default latent cache (on by default) goes to a session temp dir, not ~/.cache."""
+    root = tmp_path_factory.mktemp("latent_cache")
+    old = os.environ.get("DIFFALIGN_LATENT_CACHE")
+    os.environ["DIFFALIGN_LATENT_CACHE"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("DIFFALIGN_LATENT_CACHE", None)
+    else:
+        os.environ["DIFFALIGN_LATENT_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """``tiny_model(kind)`` -> path of a tiny diffusers pipeline, built once per kind."""

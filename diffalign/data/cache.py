@@ -15,8 +15,8 @@ epoch. The cache runs them once per usable pair and stores:
   at it are computed once (``reference.safetensors``). Training then needs no reference forward,
   at the price of one noise sample per pair instead of a fresh one every epoch; flips are off.
 
-Where: ``data_opts.cache_dir`` when set, else a directory under ``$DIFFALIGN_CACHE/latents``
-(default ``~/.cache/diffalign/latents``) named by a hash of the fingerprint below, so runs on the
+Where: ``data_opts.cache_dir`` when set, else a directory under :func:`default_cache_root`
+(``~/.cache/diffalign/latents`` unless ``$DIFFALIGN_LATENT_CACHE`` or ``$DIFFALIGN_CACHE`` say otherwise) named by a hash of the fingerprint below, so runs on the
 same data, model and settings share one cache and different ones never collide
 (:func:`resolve_cache_dir`). ``data_opts.cache: false`` turns the cache off; methods that read
 another data variant, random crops and streaming datasets train uncached (:func:`cache_applies`).
@@ -232,7 +232,9 @@ def compute_reference_losses(cfg, adapter, out: Path, index: dict, batch_size: i
 
 
 def default_cache_root() -> Path:
-    """``$DIFFALIGN_CACHE/latents``, or ``~/.cache/diffalign/latents``."""
+    """``$DIFFALIGN_LATENT_CACHE``, else ``$DIFFALIGN_CACHE/latents``, else ``~/.cache/diffalign/latents``."""
+    if os.environ.get("DIFFALIGN_LATENT_CACHE"):
+        return Path(os.environ["DIFFALIGN_LATENT_CACHE"])
     root = os.environ.get("DIFFALIGN_CACHE")
     return (Path(root) if root else Path.home() / ".cache" / "diffalign") / "latents"
 

@@ -103,10 +103,13 @@ def _paired_forward(adapter, net, reference, batch: PairBatch | CachedPairBatch,
     noise2, t2 = torch.cat([noise, noise]), torch.cat([timesteps, timesteps])
     cond2 = cat_cond(cond, cond_l)
     x_t, target = _noised(adapter, reference, latents, noise2, t2, cond2, cfg)
+    # The reference first: its forward's buffers are gone before the policy's activations are
+    # held for backward, so the step's peak memory does not stack the two.
+    ref = reference_mse(adapter, reference, x_t, t2, cond2, target) if with_reference else None
     mse_w, mse_l = per_sample_mse(adapter.predict(x_t, t2, cond2, denoiser=net), target).chunk(2)
-    if not with_reference:
+    if ref is None:
         return PairMSEs(mse_w, mse_l)
-    ref_w, ref_l = reference_mse(adapter, reference, x_t, t2, cond2, target).chunk(2)
+    ref_w, ref_l = ref.chunk(2)
     return PairMSEs(mse_w, mse_l, ref_w, ref_l)
 
 
