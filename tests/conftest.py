@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,17 +19,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def latent_cache_root(tmp_path_factory):
-    """The pair trainer's default latent cache (on by default) goes to a session temp dir, not ~/.cache."""
-    root = tmp_path_factory.mktemp("latent_cache")
-    old = os.environ.get("DIFFALIGN_LATENT_CACHE")
-    os.environ["DIFFALIGN_LATENT_CACHE"] = str(root)
-    yield root
-    if old is None:
-        os.environ.pop("DIFFALIGN_LATENT_CACHE", None)
-    else:
-        os.environ["DIFFALIGN_LATENT_CACHE"] = old
+# The pair trainer's latent cache is on by default: in tests it goes to a temp dir, not ~/.cache.
+# Set at import, so the environments test modules copy at import (for subprocesses) carry it.
+_LATENT_CACHE = tempfile.mkdtemp(prefix="diffalign-test-latents-")
+os.environ["DIFFALIGN_LATENT_CACHE"] = _LATENT_CACHE
+atexit.register(shutil.rmtree, _LATENT_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def latent_cache_root() -> Path:
+    """Where default-on latent caches of this test session go."""
+    return Path(_LATENT_CACHE)
 
 
 @pytest.fixture(scope="session")

@@ -139,7 +139,7 @@ def model_content(model: str | None, revision: str | None = None) -> dict | None
 
 def cache_fingerprint(cfg, adapter) -> dict:
     o = cfg.data_opts
-    vae = adapter.vae.config
+    vae = adapter.vae_config
     return {
         "version": CACHE_VERSION, "model_content": model_content(cfg.model, cfg.model_opts.revision),
         "revision": cfg.model_opts.revision, "vae_content": model_content(cfg.model_opts.vae),
@@ -502,6 +502,7 @@ def cached_dataloader(cfg, adapter, accelerator, cache_dir: str | None = None):
     cache_dir = cache_dir or cfg.data_opts.cache_dir
     built = False
     if accelerator.is_main_process and check_cache(cfg, adapter, cache_dir=cache_dir) is None:
+        adapter.restore_encoders()  # a trainer may have loaded the model without them, expecting a cache
         build_cache(cfg, adapter, cache_dir=cache_dir)
         built = True
     accelerator.wait_for_everyone()
@@ -511,7 +512,7 @@ def cached_dataloader(cfg, adapter, accelerator, cache_dir: str | None = None):
                         "was being built; run again once they are final")
     if accelerator.is_main_process and not is_quiet():
         print(f"latent cache: {'built' if built else 'reading'} {cache_dir} ({len(index['rows'])} pairs; "
-              "VAE and text encoders freed for training; data_opts.cache=false trains uncached)", file=sys.stderr)
+              "no VAE or text encoder held while training; data_opts.cache=false trains uncached)", file=sys.stderr)
     stream = CachedPairStream(cache_dir, index, cfg.data_opts, seed=cfg.seed,
                               rank=accelerator.process_index, world_size=accelerator.num_processes)
     return torch.utils.data.DataLoader(stream, batch_size=cfg.batch_size, collate_fn=collate_cached, num_workers=0)

@@ -41,37 +41,69 @@ def detect_family(model: str, revision: str | None = None) -> str:
     return PIPELINES[name].family
 
 
-def load_adapter(model: str, opts=None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DiffusionAdapter:
-    """Load a diffusers pipeline and wrap it in its family's adapter.
-
-    ``dtype`` is the weight dtype of the frozen parts and of the denoiser at load; trainers keep
-    trainable parameters in fp32 themselves.
-    """
+def load_pipeline(model: str, adapter_cls: type[DiffusionAdapter], opts, dtype: torch.dtype = torch.float32,
+                  skip: tuple[str, ...] = ()):
+    """The family's diffusers pipeline of ``model``; the components named in ``skip`` are not
+    loaded (None)."""
     import diffusers
 
-    from ..config import ModelOptions
-
-    opts = opts or ModelOptions()
-    adapter_cls = FAMILIES[detect_family(model, opts.revision)]
     kwargs = dict(adapter_cls.pipeline_kwargs)
     # components saved as absent ([null, null], e.g. SD3 without its T5 encoder) load as None
     index = diffusers.DiffusionPipeline.load_config(model, revision=opts.revision)
     kwargs.update({k: None for k, v in index.items() if isinstance(v, list) and v == [None, None] and k not in kwargs})
+    kwargs.update({k: None for k in skip if k in index})
     from ..logging import library_call
 
     with library_call():  # the libraries' nested "Loading ..." bars leave ESC[A in logs
-        if opts.vae:
+        if opts.vae and "vae" not in skip:
             kwargs["vae"] = diffusers.AutoencoderKL.from_pretrained(opts.vae, dtype=dtype)
         pipe = getattr(diffusers, adapter_cls.pipeline_class).from_pretrained(
             model, revision=opts.revision, variant=opts.variant, dtype=dtype, **kwargs
         )
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def vae_config(model: str, opts):
+    """The VAE config of ``model`` (or of ``opts.vae``) read from disk, defaults filled in as
+    the VAE class would: what training from the latent cache needs of a VAE it does not load."""
+    import inspect
+
+    import diffusers
+    from diffusers.configuration_utils import FrozenDict
+
+    src, sub = (opts.vae, None) if opts.vae else (model, "vae")
+    raw = diffusers.AutoencoderKL.load_config(src, subfolder=sub, revision=None if opts.vae else opts.revision)
+    cls = getattr(diffusers, raw.get("_class_name", "AutoencoderKL"), diffusers.AutoencoderKL)
+    defaults = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()
+                if v.default is not inspect.Parameter.empty}
+    return FrozenDict({**defaults, **raw})
+
+
+def load_adapter(model: str, opts=None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 encoders: bool = True) -> DiffusionAdapter:
+    """Load a diffusers pipeline and wrap it in its family's adapter.
+
+    ``dtype`` is the weight dtype of the frozen parts and of the denoiser at load; trainers keep
+    trainable parameters in fp32 themselves. ``encoders=False``: the VAE and text encoders are
+    not loaded (training from the latent cache); :meth:`DiffusionAdapter.restore_encoders`
+    loads them when they are needed after all.
+    """
+    from ..config import ModelOptions
+
+    opts = opts or ModelOptions()
+    adapter_cls = FAMILIES[detect_family(model, opts.revision)]
+    skip = () if encoders else ("vae", *adapter_cls.TEXT_ENCODER_NAMES)
+    pipe = load_pipeline(model, adapter_cls, opts, dtype, skip)
     adapter = adapter_cls(pipe, model, opts)
+    if not encoders:
+        adapter.release_encoders(vae_config(model, opts), torch.device(device), dtype)
     adapter.to(device, dtype)
     return adapter
 
 
 __all__ = [
     "AttentionError", "Cond", "DiffusionAdapter", "FAMILIES", "FlowMatchAdapter", "PIPELINES", "SD3Adapter",
-    "SDXLAdapter", "SamplingSchedule", "UNetAdapter", "UnsupportedModelError", "cat_cond", "detect_family", "index_cond", "load_adapter", "repeat_cond",
+    "SDXLAdapter", "SamplingSchedule", "UNetAdapter", "UnsupportedModelError", "cat_cond", "detect_family", "index_cond", "load_adapter", "load_pipeline",
+    "vae_config", "repeat_cond",
 ]

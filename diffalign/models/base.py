@@ -139,35 +139,40 @@ class DiffusionAdapter:
     def encoders_released(self) -> bool:
         return getattr(self, "_released", None) is not None
 
-    def release_encoders(self) -> None:
+    def release_encoders(self, vae_config=None, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
         """Drop the VAE and text encoders (their memory is freed once nothing else holds them).
 
         For training from the latent cache, which holds every latent moment and prompt embedding
         the step reads: the step then keeps only the denoiser. What the step still needs of the VAE
-        (its config, device, dtype) is kept; :meth:`restore_encoders` loads them back."""
+        (its config, device, dtype) is kept; :meth:`restore_encoders` loads them back. An adapter
+        loaded without them (``load_adapter(encoders=False)``) is given those three instead."""
         if self.encoders_released:
             return
         vae = self.pipe.vae
-        self._released = {"vae_config": vae.config, "device": next(vae.parameters()).device,
-                          "dtype": next(vae.parameters()).dtype}
+        if vae is not None:
+            vae_config, device, dtype = vae.config, next(vae.parameters()).device, next(vae.parameters()).dtype
+        self._released = {"vae_config": vae_config, "device": torch.device(device), "dtype": dtype}
         self.pipe.vae = None
         for name in self.TEXT_ENCODER_NAMES:
             if getattr(self.pipe, name, None) is not None:
                 setattr(self.pipe, name, None)
 
     def restore_encoders(self) -> None:
-        """Load the VAE and text encoders released by :meth:`release_encoders` again (from
-        ``model_id``, in the dtype and on the device they had)."""
+        """Load the VAE and text encoders (released by :meth:`release_encoders`, or never loaded)
+        from ``model_id``, in the dtype and on the device recorded for them; the denoiser is kept."""
         if not self.encoders_released:
             return
-        from . import load_adapter
+        from . import load_pipeline
 
-        released, self._released = self._released, None
-        fresh = load_adapter(self.model_id, self.opts, dtype=released["dtype"], device=released["device"])
-        self.pipe.vae = fresh.pipe.vae
-        for name in self.TEXT_ENCODER_NAMES:
-            if getattr(fresh.pipe, name, None) is not None:
-                setattr(self.pipe, name, getattr(fresh.pipe, name))
+        released = self._released
+        names = ("vae", *self.TEXT_ENCODER_NAMES)
+        fresh = load_pipeline(self.model_id, type(self), self.opts, released["dtype"], skip=(self.denoiser_name,))
+        self._released = None
+        for name in names:
+            module = getattr(fresh, name, None)
+            if module is not None:
+                module.requires_grad_(False).eval().to(released["device"])
+                setattr(self.pipe, name, module)
 
     @property
     def vae_scale_factor(self) -> int:

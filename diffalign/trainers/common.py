@@ -63,8 +63,9 @@ def rank_generator(seed: int, accelerator, device=None) -> torch.Generator:
     return g
 
 
-def build_trainable(cfg, accelerator) -> tuple[DiffusionAdapter, list[torch.nn.Parameter], torch.nn.Module | None]:
+def build_trainable(cfg, accelerator, encoders: bool = True) -> tuple[DiffusionAdapter, list[torch.nn.Parameter], torch.nn.Module | None]:
     """Load the adapter; add LoRA (``lora.rank > 0``) or unfreeze everything (full fine-tuning).
+    ``encoders=False``: without the VAE and text encoders (training from the latent cache).
 
     Returns ``(adapter, trainable_params, frozen_reference)``. With LoRA the reference is the
     same network with adapters disabled, so ``frozen_reference`` is None; full fine-tuning gets
@@ -72,7 +73,8 @@ def build_trainable(cfg, accelerator) -> tuple[DiffusionAdapter, list[torch.nn.P
     """
     dtype = weight_dtype_for(accelerator)
     use_lora = cfg.lora.rank > 0
-    adapter = load_adapter(cfg.model, cfg.model_opts, dtype=dtype if use_lora else torch.float32, device=accelerator.device)
+    adapter = load_adapter(cfg.model, cfg.model_opts, dtype=dtype if use_lora else torch.float32, device=accelerator.device,
+                           encoders=encoders)
     adapter.cast_frozen(dtype)  # casts only what is not in dtype yet (a no-op cast still warns)
     net = adapter.denoiser
     if cfg.model_opts.gradient_checkpointing:

@@ -147,7 +147,10 @@ class PairRecipe:
     def setup(self) -> PairRecipe:
         cfg = self.cfg
         self.accelerator = setup_accelerator(cfg)
-        self.adapter, self.params, self.reference = build_trainable(cfg, self.accelerator)
+        # Training from the latent cache needs no VAE or text encoder: they are not loaded at all
+        # (the cache build, on a first run, loads them for itself).
+        self.cached, self.uncached_reason = cache_applies(cfg)
+        self.adapter, self.params, self.reference = build_trainable(cfg, self.accelerator, encoders=not self.cached)
         optimizer, lr_scheduler = make_optimizer(cfg, self.params, self.accelerator)
         loader = self._dataloader()
         self.net, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.adapter.denoiser, optimizer, lr_scheduler)
@@ -177,16 +180,16 @@ class PairRecipe:
 
     # -------------------------------------------------------------------------- setup parts
     def _dataloader(self):
-        """The latent cache's loader (the default; the VAE and text encoders are freed after it is
-        built), or the data variant's pixel loader when the cache does not apply."""
+        """The latent cache's loader (the default; the VAE and text encoders, if a cache build
+        loaded them, are freed after it), or the data variant's pixel loader when the cache does
+        not apply."""
         cfg, accelerator = self.cfg, self.accelerator
-        cached, why_not = cache_applies(cfg)
-        if cached:
+        if self.cached:
             loader = cached_dataloader(cfg, self.adapter, accelerator, resolve_cache_dir(cfg, self.adapter))
             self.adapter.release_encoders()
             return loader
         if accelerator.is_main_process and not is_quiet():
-            print(f"latent cache off ({why_not}): the VAE and text encoders run on every batch", file=sys.stderr)
+            print(f"latent cache off ({self.uncached_reason}): the VAE and text encoders run on every batch", file=sys.stderr)
         return variant_dataloader(cfg, rank=accelerator.process_index, world_size=accelerator.num_processes)
 
     def _resume(self, loader) -> None:
