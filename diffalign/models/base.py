@@ -162,7 +162,7 @@ class DiffusionAdapter:
         from ``model_id``, in the dtype and on the device recorded for them; the denoiser is kept."""
         if not self.encoders_released:
             return
-        from . import load_pipeline
+        from .loading import load_pipeline
 
         released = self._released
         names = ("vae", *self.TEXT_ENCODER_NAMES)
