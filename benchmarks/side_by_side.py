@@ -25,8 +25,11 @@ Method: every command runs once untimed first (diffalign builds its latent cache
 user's first run does; ``DIFFALIGN_CACHE`` points into the work dir). Then the runs are
 interleaved (every repetition runs each command once short and once long, in rotating order)
 so load from other processes falls on all of them alike. On CPU each run is pinned to one core
-(``taskset -c --cpu``) with ``OMP_NUM_THREADS=1``; on GPU (``--gpu``) each runs on one device. Marginal seconds per step = (wall(long) - wall(short)) / (long - short), so
-start-up, model loading and one-off work (a cache build, a final save) cancel. Peak memory: the
+(``taskset -c --cpu``) with ``OMP_NUM_THREADS=1``; on GPU (``--gpu``) each runs on one device.
+Marginal seconds per step = (t(long) - t(short)) / (long - short), so start-up, model loading
+and one-off work (a cache build, a final save) cancel; t is the wall clock and, on CPU, also
+the child's CPU time (user + system), which load from other processes on a shared machine
+barely changes (the wall clock of one pinned thread does). Peak memory: the
 child's peak RSS (``wait4`` rusage) on CPU; with ``--gpu`` the peak of
 ``torch.cuda.max_memory_allocated`` printed by a wrapper that runs the command's Python script.
 """
@@ -106,8 +109,8 @@ def build_data(out: Path, rows: int, size: int) -> Path:
 
 
 # ------------------------------------------------------------------------------ running
-def run_once(command: str, cpu: int | None, gpu: bool, log: Path) -> tuple[float, int]:
-    """(wall seconds, peak bytes) of one run; raises on a non-zero exit."""
+def run_once(command: str, cpu: int | None, gpu: bool, log: Path) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds, peak bytes) of one run; raises on a non-zero exit."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
     argv = shlex.split(command)
@@ -124,10 +127,11 @@ def run_once(command: str, cpu: int | None, gpu: bool, log: Path) -> tuple[float
     if proc.returncode != 0:
         raise SystemExit(f"exit {proc.returncode}: {command}\n(see {log})")
     peak = usage.ru_maxrss * 1024
+    cpu_seconds = usage.ru_utime + usage.ru_stime
     if gpu:
         lines = [l for l in log.read_text().splitlines() if l.startswith(CUDA_PEAK)]
         peak = int(lines[-1].removeprefix(CUDA_PEAK)) if lines else -1
-    return wall, peak
+    return wall, cpu_seconds, peak
 
 
 def wrap_for_cuda_peak(argv: list[str]) -> list[str]:
@@ -196,6 +200,7 @@ def main(argv=None) -> int:
         run_once(runs[name].format(**fill, steps=1, out=out), None if args.gpu else args.cpu, args.gpu, work / f"{name}-warmup.log")
 
     walls: dict[str, dict[int, list[float]]] = {n: {args.short: [], args.long: []} for n in runs}
+    cpus: dict[str, dict[int, list[float]]] = {n: {args.short: [], args.long: []} for n in runs}
     peaks: dict[str, list[int]] = {n: [] for n in runs}
     names = list(runs)
     for rep in range(args.reps):
@@ -205,29 +210,38 @@ def main(argv=None) -> int:
                 out = work / "out" / f"{name}-{steps}-{rep}"
                 shutil.rmtree(out, ignore_errors=True)
                 cmd = runs[name].format(**fill, steps=steps, out=out)
-                wall, peak = run_once(cmd, None if args.gpu else args.cpu, args.gpu, work / f"{name}-{steps}-{rep}.log")
+                wall, cpu_s, peak = run_once(cmd, None if args.gpu else args.cpu, args.gpu, work / f"{name}-{steps}-{rep}.log")
                 walls[name][steps].append(wall)
+                cpus[name][steps].append(cpu_s)
                 peaks[name].append(peak)
-                print(f"rep {rep} {name} {steps} steps: {wall:.1f} s, peak {peak / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+                print(f"rep {rep} {name} {steps} steps: {wall:.1f} s wall, {cpu_s:.1f} s CPU, peak {peak / 2**30:.2f} GiB",
+                      file=sys.stderr, flush=True)
 
     span = args.long - args.short
-    marg = {n: [(l - s) / span for s, l in zip(walls[n][args.short], walls[n][args.long])] for n in runs}
     peak = {n: max(peaks[n]) for n in runs}
     where = "GPU" if args.gpu else f"CPU core {args.cpu}, OMP_NUM_THREADS=1"
     print(f"\n{args.setting} (UNet {unet_params(model) / 1e6:.1f}M params) @ {res}px, {args.batch} pairs/step, "
           f"LoRA r{args.rank}, {where}; marginal s/step from {args.short}- vs {args.long}-step runs, {args.reps} reps\n")
-    print(f"| run | s/step (per rep) | s/step median | pairs/s | pairs/s vs {baseline} | peak {'CUDA alloc' if args.gpu else 'RSS'} GiB | peak vs {baseline} |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    base_step, base_peak = statistics.median(marg[baseline]), peak[baseline]
-    for n in runs:
-        m = statistics.median(marg[n])
-        print(f"| {n} | {' / '.join(f'{x:.2f}' for x in marg[n])} | {m:.2f} | {args.batch / m:.2f} | "
-              f"{base_step / m:.2f}x | {peak[n] / 2**30:.2f} | {peak[n] / base_peak:.2f}x |")
-    # per-rep ratios (paired runs), so the spread of the ratio shows, not only of the times
-    for n in runs:
-        if n != baseline:
-            ratios = [b / x for b, x in zip(marg[baseline], marg[n])]
-            print(f"\n{n} vs {baseline} pairs/s ratio per rep: {' / '.join(f'{r:.2f}' for r in ratios)}")
+    # Wall seconds, and on CPU also the child's CPU seconds (user + system): one pinned thread's
+    # CPU time is the work itself, which other processes on a shared machine barely move.
+    clocks = {"wall": walls} if args.gpu else {"CPU": cpus, "wall": walls}
+    print(f"| run | clock | s/step (per rep) | s/step median | pairs/s | pairs/s vs {baseline} | "
+          f"peak {'CUDA alloc' if args.gpu else 'RSS'} GiB | peak vs {baseline} |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    ratios = {}
+    for clock, table in clocks.items():
+        marg = {n: [(l - s) / span for s, l in zip(table[n][args.short], table[n][args.long])] for n in runs}
+        base_step = statistics.median(marg[baseline])
+        for n in runs:
+            m = statistics.median(marg[n])
+            print(f"| {n} | {clock} | {' / '.join(f'{x:.2f}' for x in marg[n])} | {m:.2f} | {args.batch / m:.2f} | "
+                  f"{base_step / m:.2f}x | {peak[n] / 2**30:.2f} | {peak[n] / peak[baseline]:.2f}x |")
+        # per-rep ratios (paired runs), so the spread of the ratio shows, not only of the times
+        ratios[clock] = {n: [b / x for b, x in zip(marg[baseline], marg[n])] for n in runs if n != baseline}
+    print()
+    for clock, per_run in ratios.items():
+        for n, r in per_run.items():
+            print(f"- {n} vs {baseline}, {clock} clock, pairs/s ratio per rep: {' / '.join(f'{x:.2f}' for x in r)}")
     return 0
 
 
