@@ -180,6 +180,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--cpu", type=int, default=0, help="the core every CPU run is pinned to")
     p.add_argument("--gpu", action="store_true", help="runs use the GPU; peak memory from torch.cuda")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="skip the untimed first run of each command (a work dir whose caches are built)")
     p.add_argument("--workdir", default=None, help="model, data, outputs and logs (default: a temp dir)")
     args = p.parse_args(argv)
     runs = dict(r.split("=", 1) for r in args.run)
@@ -194,7 +196,7 @@ def main(argv=None) -> int:
     # diffalign's latent cache (and any other per-user cache) inside the work dir, and built by a
     # warm-up run of every command, as a user's second run would find it
     os.environ.setdefault("DIFFALIGN_CACHE", str(work / "diffalign-cache"))
-    for name in runs:
+    for name in runs if args.warmup else ():
         out = work / "out" / f"{name}-warmup"
         shutil.rmtree(out, ignore_errors=True)
         run_once(runs[name].format(**fill, steps=1, out=out), None if args.gpu else args.cpu, args.gpu, work / f"{name}-warmup.log")
