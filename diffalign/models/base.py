@@ -172,7 +172,9 @@ class DiffusionAdapter:
             module = getattr(fresh, name, None)
             if module is not None:
                 module.requires_grad_(False).eval().to(released["device"])
-                setattr(self.pipe, name, module)
+                # register_modules, not setattr: a pipeline records a component set to None as
+                # absent in its config (model_index.json), and setattr would not record it back
+                self.pipe.register_modules(**{name: module})
 
     @property
     def vae_scale_factor(self) -> int:
