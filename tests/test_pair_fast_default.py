@@ -51,3 +51,18 @@ def test_encoders_are_freed_when_training_from_the_cache(tiny_model, toy_pairs, 
     assert result["final"]["step"] == 3 and a.pipe.vae is None  # trained without them
     uncached = PairRecipe(_cfg("dpo", model, toy_pairs, tmp_path / "u", "data_opts.cache=false")).setup()
     assert not uncached.adapter.encoders_released and uncached.adapter.pipe.vae is not None
+
+
+def test_cache_off_wins_and_the_cached_reference_estimator_needs_the_cache(tmp_path):
+    from diffalign.data.cache import cache_applies
+    from diffalign.errors import ConfigError
+
+    on = load_config(ROOT / "diffalign/configs/tiny/dpo.yaml", ["model=M", "data=D", f"data_opts.cache_dir={tmp_path}"])
+    off = load_config(ROOT / "diffalign/configs/tiny/dpo.yaml", ["model=M", "data=D", f"data_opts.cache_dir={tmp_path}",
+                                                                  "data_opts.cache=false"])
+    assert cache_applies(on) == (True, "") and cache_applies(off) == (False, "data_opts.cache=false")
+    crop = load_config(ROOT / "diffalign/configs/tiny/dpo.yaml", ["model=M", "data=D", "data_opts.random_crop=true"])
+    assert not cache_applies(crop)[0]  # the default cache steps aside; an explicit cache_dir would refuse
+    with pytest.raises(ConfigError, match="cached_reference"):
+        load_config(ROOT / "diffalign/configs/tiny/dpo.yaml", ["model=M", "data=D", f"data_opts.cache_dir={tmp_path}",
+                                                               "loss.cached_reference=true", "data_opts.cache=false"])

@@ -241,13 +241,13 @@ def default_cache_root() -> Path:
 
 def cache_applies(cfg) -> tuple[bool, str]:
     """Whether this pair-training run reads the latent cache, and if not why (one phrase).
-    An explicit ``data_opts.cache_dir`` always applies (:func:`_check_cacheable` then names
-    what stands in its way)."""
+    ``data_opts.cache=false`` turns it off; otherwise an explicit ``data_opts.cache_dir`` always
+    applies (:func:`_check_cacheable` then names what stands in its way)."""
     o = cfg.data_opts
-    if o.cache_dir:
-        return True, ""
     if not o.cache:
         return False, "data_opts.cache=false"
+    if o.cache_dir:
+        return True, ""
     if not cfg.objective.cacheable:
         return False, f"method {cfg.method} reads its own data variant ({cfg.objective.variant.value})"
     if o.random_crop:
