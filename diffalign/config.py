@@ -86,7 +86,11 @@ class DataOptions:
     caption_column: str = "caption"
     max_samples: int | None = None
     shuffle_buffer: int = 1000  # streaming only
-    cache_dir: str | None = None  # latent + text-embedding cache (built on first use; diffalign cache)
+    # Pair trainer: precompute VAE latent moments and prompt embeddings once and train from them
+    # (the same estimator: fresh timestep and noise every step; diffalign.data.cache). Built on
+    # first use, content-keyed; false: encode every batch with the VAE and text encoders.
+    cache: bool = True
+    cache_dir: str | None = None  # where the cache lives; None: ~/.cache/diffalign/latents/<content key> ($DIFFALIGN_LATENT_CACHE / $DIFFALIGN_CACHE move it)
     num_workers: int = 0
 
 

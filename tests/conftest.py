@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +17,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests must never reach a hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+# The pair trainer's latent cache is on by default: in tests it goes to a temp dir, not ~/.cache.
+# Set at import, so the environments test modules copy at import (for subprocesses) carry it.
+_LATENT_CACHE = tempfile.mkdtemp(prefix="diffalign-test-latents-")
+os.environ["DIFFALIGN_LATENT_CACHE"] = _LATENT_CACHE
+atexit.register(shutil.rmtree, _LATENT_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def latent_cache_root() -> Path:
+    """Where default-on latent caches of this test session go."""
+    return Path(_LATENT_CACHE)
 
 
 @pytest.fixture(scope="session")

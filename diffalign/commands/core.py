@@ -78,19 +78,17 @@ def cmd_toy_data(args) -> int:
 def cmd_cache(args) -> int:
     from .. import trainers  # noqa: F401  registers the trainer configs load_config picks from
     from ..config import load_config
-    from ..data.cache import build_cache, check_cache
-    from ..errors import UserError
+    from ..data.cache import build_cache, check_cache, resolve_cache_dir
     from ..models import load_adapter
 
     cfg = load_config(args.config, args.overrides)
-    if not cfg.data_opts.cache_dir:
-        raise UserError("set data_opts.cache_dir=DIR (where the latent cache goes)")
     adapter = load_adapter(cfg.model, cfg.model_opts, device="cuda" if __import__("torch").cuda.is_available() else "cpu")
-    if check_cache(cfg, adapter) is not None and not args.force:
-        print(f"cache at {cfg.data_opts.cache_dir} is up to date")
+    cache_dir = resolve_cache_dir(cfg, adapter)  # data_opts.cache_dir, or the one training would pick
+    if check_cache(cfg, adapter, cache_dir=cache_dir) is not None and not args.force:
+        print(f"cache at {cache_dir} is up to date")
         return 0
     t0 = time.perf_counter()
-    path = build_cache(cfg, adapter, batch_size=args.batch_size)
+    path = build_cache(cfg, adapter, batch_size=args.batch_size, cache_dir=cache_dir)
     print(f"wrote latent cache to {path} in {time.perf_counter() - t0:.1f}s")
     return 0
 
@@ -98,7 +96,7 @@ def cmd_cache(args) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cache", help="precompute VAE latents + text embeddings for a pair config")
     p.add_argument("config", help="pair-method config: YAML file, packaged config (tiny/dpo) or recipe name")
-    p.add_argument("overrides", nargs="*", default=[], help="e.g. model=DIR data=DIR data_opts.cache_dir=CACHE")
+    p.add_argument("overrides", nargs="*", default=[], help="e.g. model=DIR data=DIR [data_opts.cache_dir=CACHE]")
     p.add_argument("--batch-size", type=int, default=16, help="pairs per VAE/text-encoder forward pass (default 16)")
     p.add_argument("--force", action="store_true", help="rebuild even when a matching cache exists")
     p.set_defaults(func=cmd_cache)

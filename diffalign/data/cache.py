@@ -1,4 +1,4 @@
-"""Latent + text-embedding cache for the offline pair trainer.
+"""Latent + text-embedding cache for the offline pair trainer (on by default).
 
 Today's reference scripts run the VAE encoder and the text encoders on every pair of every
 epoch. The cache runs them once per usable pair and stores:
@@ -14,6 +14,15 @@ epoch. The cache runs them once per usable pair and stores:
   (posterior sample, noise, timestep) drawn from a per-pair seed, and the reference model's MSEs
   at it are computed once (``reference.safetensors``). Training then needs no reference forward,
   at the price of one noise sample per pair instead of a fresh one every epoch; flips are off.
+
+Where: ``data_opts.cache_dir`` when set, else a directory under :func:`default_cache_root`
+(``~/.cache/diffalign/latents`` unless ``$DIFFALIGN_LATENT_CACHE`` or ``$DIFFALIGN_CACHE`` say otherwise) named by a hash of the fingerprint below, so runs on the
+same data, model and settings share one cache and different ones never collide
+(:func:`resolve_cache_dir`). ``data_opts.cache: false`` turns the cache off; methods that read
+another data variant, random crops and streaming datasets train uncached (:func:`cache_applies`).
+
+The cached stream visits pairs in the same order, with the same flip and empty-caption draws, as
+the uncached stream (:class:`CachedPairStream`), so a cached run trains on the same batches.
 
 On disk, next to nothing else: ``cache_dir/index.json`` (fingerprint, row map, skip counts) and
 ``shard-00000.safetensors`` ... (latent moments) and ``captions.safetensors``. The fingerprint
@@ -40,13 +49,13 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..logging import progress
+from ..logging import is_quiet, progress
 from ..losses import per_sample_mse
 from ..models import cat_cond
 from .batches import CachedPairBatch
 from .pickapic import PairTransform, classify_row, decode_image, load_preference_dataset
 
-CACHE_VERSION = 2  # 2: data and model keyed by content instead of path strings
+CACHE_VERSION = 3  # 2: data and model keyed by content; 3: source row count (the uncached stream's order)
 
 # Fingerprint keys whose change means the inputs were regenerated or replaced: the cache is
 # stale and gets rebuilt. Any other key is a setting of this run; a mismatch there means the
@@ -130,7 +139,7 @@ def model_content(model: str | None, revision: str | None = None) -> dict | None
 
 def cache_fingerprint(cfg, adapter) -> dict:
     o = cfg.data_opts
-    vae = adapter.vae.config
+    vae = adapter.vae_config
     return {
         "version": CACHE_VERSION, "model_content": model_content(cfg.model, cfg.model_opts.revision),
         "revision": cfg.model_opts.revision, "vae_content": model_content(cfg.model_opts.vae),
@@ -222,6 +231,41 @@ def compute_reference_losses(cfg, adapter, out: Path, index: dict, batch_size: i
     save_file({"ref_w": torch.cat(ref_w), "ref_l": torch.cat(ref_l)}, out / "reference.safetensors")
 
 
+def default_cache_root() -> Path:
+    """``$DIFFALIGN_LATENT_CACHE``, else ``$DIFFALIGN_CACHE/latents``, else ``~/.cache/diffalign/latents``."""
+    if os.environ.get("DIFFALIGN_LATENT_CACHE"):
+        return Path(os.environ["DIFFALIGN_LATENT_CACHE"])
+    root = os.environ.get("DIFFALIGN_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "diffalign") / "latents"
+
+
+def cache_applies(cfg) -> tuple[bool, str]:
+    """Whether this pair-training run reads the latent cache, and if not why (one phrase).
+    ``data_opts.cache=false`` turns it off; otherwise an explicit ``data_opts.cache_dir`` always
+    applies (:func:`_check_cacheable` then names what stands in its way)."""
+    o = cfg.data_opts
+    if not o.cache:
+        return False, "data_opts.cache=false"
+    if o.cache_dir:
+        return True, ""
+    if not cfg.objective.cacheable:
+        return False, f"method {cfg.method} reads its own data variant ({cfg.objective.variant.value})"
+    if o.random_crop:
+        return False, "data_opts.random_crop=true (crops differ every epoch)"
+    if o.streaming:
+        return False, "data_opts.streaming=true (a cache needs one full pass over the data)"
+    return True, ""
+
+
+def resolve_cache_dir(cfg, adapter) -> str:
+    """``data_opts.cache_dir``, or the content-keyed directory under :func:`default_cache_root`."""
+    if cfg.data_opts.cache_dir:
+        return cfg.data_opts.cache_dir
+    fp = {k: v for k, v in cache_fingerprint(cfg, adapter).items() if k not in ("data", "model")}
+    key = hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return str(default_cache_root() / key)
+
+
 def _check_cacheable(cfg) -> None:
     if _cached_reference(cfg) and not cfg.data_opts.cache_dir:
         raise UserError("loss.cached_reference=true needs data_opts.cache_dir (the reference losses live in the cache)")
@@ -233,12 +277,13 @@ def _check_cacheable(cfg) -> None:
 
 
 @torch.no_grad()
-def build_cache(cfg, adapter, batch_size: int = 16, shard_rows: int = 4096) -> Path:
-    """Encode every usable pair of ``cfg.data`` once; returns the cache dir."""
+def build_cache(cfg, adapter, batch_size: int = 16, shard_rows: int = 4096, cache_dir: str | None = None) -> Path:
+    """Encode every usable pair of ``cfg.data`` once into ``cache_dir`` (default
+    ``data_opts.cache_dir``); returns the cache dir."""
     from ..files import save_safetensors as save_file
 
     _check_cacheable(cfg)
-    out = Path(cfg.data_opts.cache_dir)
+    out = Path(cache_dir or cfg.data_opts.cache_dir)
     out.mkdir(parents=True, exist_ok=True)
     # drop the old index first: a rebuild that dies half-way must not leave a cache that
     # looks complete (index.json is written last)
@@ -317,18 +362,20 @@ def build_cache(cfg, adapter, batch_size: int = 16, shard_rows: int = 4096) -> P
             conds.setdefault(k, []).append(v.float().cpu())
     save_file({k: torch.cat(v).contiguous() for k, v in conds.items()}, out / "captions.safetensors")
     index = {"fingerprint": fingerprint, "rows": rows, "captions": caption_list,
-             "skipped": dict(skipped), "shards": shard_idx}
+             "skipped": dict(skipped), "shards": shard_idx, "source_rows": n_rows}
     if _cached_reference(cfg):
         compute_reference_losses(cfg, adapter, out, index, batch_size)
     (out / "index.json").write_text(json.dumps(index))  # last: a cache without index.json is incomplete
     return out
 
 
-def check_cache(cfg, adapter, announce: bool = True) -> dict | None:
-    """The cache index if ``cache_dir`` holds a cache for exactly this config; None if it is
-    empty or stale (its data or model contents changed: rebuild it, ``announce`` says so in one
-    line); raises :class:`UserError` if it was built with other settings."""
-    path = Path(cfg.data_opts.cache_dir) / "index.json"
+def check_cache(cfg, adapter, announce: bool = True, cache_dir: str | None = None) -> dict | None:
+    """The cache index if ``cache_dir`` (default ``data_opts.cache_dir``) holds a cache for
+    exactly this config; None if it is empty or stale (its data or model contents changed:
+    rebuild it, ``announce`` says so in one line); raises :class:`UserError` if it was built
+    with other settings."""
+    cache_dir = cache_dir or cfg.data_opts.cache_dir
+    path = Path(cache_dir) / "index.json"
     if not path.is_file():
         return None
     try:
@@ -336,13 +383,13 @@ def check_cache(cfg, adapter, announce: bool = True) -> dict | None:
         have = index["fingerprint"]
     except (ValueError, KeyError, TypeError):
         if announce:
-            print(f"latent cache at {cfg.data_opts.cache_dir} has an unreadable index.json; rebuilding it", file=sys.stderr)
+            print(f"latent cache at {cache_dir} has an unreadable index.json; rebuilding it", file=sys.stderr)
         return None
     want = cache_fingerprint(cfg, adapter)
     for key in CONTENT_KEYS:
         if have.get(key) != want[key]:
             if announce:
-                print(f"latent cache at {cfg.data_opts.cache_dir} is stale ({_describe_change(key, have.get(key), want[key])}); "
+                print(f"latent cache at {cache_dir} is stale ({_describe_change(key, have.get(key), want[key])}); "
                       "rebuilding it", file=sys.stderr)
             return None
     for key, value in want.items():
@@ -350,7 +397,7 @@ def check_cache(cfg, adapter, announce: bool = True) -> dict | None:
             continue
         if have.get(key) != value:
             raise UserError(
-                f"data_opts.cache_dir={cfg.data_opts.cache_dir!r} was built for {key}={have.get(key)!r}, "
+                f"data_opts.cache_dir={cache_dir!r} was built for {key}={have.get(key)!r}, "
                 f"this run has {key}={value!r}: use another cache_dir, or delete that one to rebuild it"
             )
     return index
@@ -393,13 +440,19 @@ class CachedPairStream(torch.utils.data.IterableDataset):
                 v, internal, gauss = self._resume["rng"]
                 rng.setstate((v, tuple(internal), gauss))
             first_skipped, self._resume = {}, None
-        n = len(self.index["rows"])
+        # The uncached stream's order: a permutation of the source rows, unusable ones passed over.
+        rows = self.index["rows"]
+        cached_at = {r["source_row"]: i for i, r in enumerate(rows)}
+        n = self.index.get("source_rows", len(rows))
         while True:
             order = np.random.default_rng(self.seed + epoch).permutation(n)[shard::num_shards]
-            if len(order) == 0:
-                raise UserError(f"the latent cache has {n} pairs, fewer than the {num_shards} data shards")
+            if not any(int(s) in cached_at for s in order):
+                raise UserError(f"no cached pair in data shard {shard}/{num_shards} (the cache has {len(rows)} pairs)")
             for pos in range(start, len(order)):
-                example = self._example(self.index["rows"][int(order[pos])], rng, int(order[pos]))
+                i = cached_at.get(int(order[pos]))
+                if i is None:
+                    continue
+                example = self._example(rows[i], rng, i)
                 example["skipped"], first_skipped = first_skipped, {}  # rows dropped at cache time, reported once
                 self._state = {"epoch": epoch, "pos": pos + 1, "rng": list(rng.getstate()), "skipped": {}}
                 yield example
@@ -407,13 +460,14 @@ class CachedPairStream(torch.utils.data.IterableDataset):
 
     def _example(self, row: dict, rng: random.Random, i: int = 0) -> dict:
         shard, off = self.shards[row["shard"]], row["offset"]
+        caption_id = row["caption"]
+        # the draws in the uncached stream's order: empty caption, then flip (PairTransform)
+        if self.opts.empty_prompt_prob > 0 and rng.random() < self.opts.empty_prompt_prob:
+            caption_id = 0
         flip = self.opts.random_flip and rng.random() < 0.5
         if self.reference is not None:
             flip = False  # the fixed draws (and stored reference losses) belong to the unflipped pair
         p = "flip_" if flip else ""
-        caption_id = row["caption"]
-        if self.opts.empty_prompt_prob > 0 and rng.random() < self.opts.empty_prompt_prob:
-            caption_id = 0
         extra = {}
         if self.reference is not None:
             extra = {"row_seed": torch.tensor(row_seed(self.row_seed_base, i)),
@@ -440,16 +494,25 @@ def collate_cached(examples: list[dict]) -> CachedPairBatch:
     )
 
 
-def cached_dataloader(cfg, adapter, accelerator):
-    """Build the cache on first use (main process), then a loader over it on every rank."""
+def cached_dataloader(cfg, adapter, accelerator, cache_dir: str | None = None):
+    """Build the cache in ``cache_dir`` (default ``data_opts.cache_dir``) on first use (main
+    process), then a loader over it on every rank. One line on the main process says which
+    cache the run reads, and whether it was built now."""
     _check_cacheable(cfg)
-    if accelerator.is_main_process and check_cache(cfg, adapter) is None:
-        build_cache(cfg, adapter)
+    cache_dir = cache_dir or cfg.data_opts.cache_dir
+    built = False
+    if accelerator.is_main_process and check_cache(cfg, adapter, cache_dir=cache_dir) is None:
+        adapter.restore_encoders()  # a trainer may have loaded the model without them, expecting a cache
+        build_cache(cfg, adapter, cache_dir=cache_dir)
+        built = True
     accelerator.wait_for_everyone()
-    index = check_cache(cfg, adapter, announce=False)
+    index = check_cache(cfg, adapter, announce=False, cache_dir=cache_dir)
     if index is None:
-        raise UserError(f"data_opts.cache_dir={cfg.data_opts.cache_dir!r}: the data or model changed while the cache "
+        raise UserError(f"data_opts.cache_dir={cache_dir!r}: the data or model changed while the cache "
                         "was being built; run again once they are final")
-    stream = CachedPairStream(cfg.data_opts.cache_dir, index, cfg.data_opts, seed=cfg.seed,
+    if accelerator.is_main_process and not is_quiet():
+        print(f"latent cache: {'built' if built else 'reading'} {cache_dir} ({len(index['rows'])} pairs; "
+              "no VAE or text encoder held while training; data_opts.cache=false trains uncached)", file=sys.stderr)
+    stream = CachedPairStream(cache_dir, index, cfg.data_opts, seed=cfg.seed,
                               rank=accelerator.process_index, world_size=accelerator.num_processes)
     return torch.utils.data.DataLoader(stream, batch_size=cfg.batch_size, collate_fn=collate_cached, num_workers=0)

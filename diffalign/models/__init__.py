@@ -10,6 +10,7 @@ from .flow import FlowMatchAdapter
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter, Flux2KleinAdapter
 from .qwenimage import QwenImageAdapter
+from .loading import load_pipeline, vae_config
 from .sd3 import SD3Adapter
 from .unet import SDXLAdapter, UNetAdapter
 
@@ -45,38 +46,30 @@ def detect_family(model: str, revision: str | None = None) -> str:
     return PIPELINES[name].family
 
 
-def load_adapter(model: str, opts=None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DiffusionAdapter:
+def load_adapter(model: str, opts=None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 encoders: bool = True) -> DiffusionAdapter:
     """Load a diffusers pipeline and wrap it in its family's adapter.
 
     ``dtype`` is the weight dtype of the frozen parts and of the denoiser at load; trainers keep
-    trainable parameters in fp32 themselves.
+    trainable parameters in fp32 themselves. ``encoders=False``: the VAE and text encoders are
+    not loaded (training from the latent cache); :meth:`DiffusionAdapter.restore_encoders`
+    loads them when they are needed after all.
     """
-    import diffusers
-
     from ..config import ModelOptions
 
     opts = opts or ModelOptions()
     adapter_cls = FAMILIES[detect_family(model, opts.revision)]
-    kwargs = dict(adapter_cls.pipeline_kwargs)
-    # components saved as absent ([null, null], e.g. SD3 without its T5 encoder) load as None
-    index = diffusers.DiffusionPipeline.load_config(model, revision=opts.revision)
-    kwargs.update({k: None for k, v in index.items() if isinstance(v, list) and v == [None, None] and k not in kwargs})
-    from ..logging import library_call
-
-    with library_call():  # the libraries' nested "Loading ..." bars leave ESC[A in logs
-        if opts.vae:
-            kwargs["vae"] = diffusers.AutoencoderKL.from_pretrained(opts.vae, dtype=dtype)
-        pipe = getattr(diffusers, adapter_cls.pipeline_class).from_pretrained(
-            model, revision=opts.revision, variant=opts.variant, dtype=dtype, **kwargs
-        )
-    pipe.set_progress_bar_config(disable=True)
+    skip = () if encoders else ("vae", *adapter_cls.TEXT_ENCODER_NAMES)
+    pipe = load_pipeline(model, adapter_cls, opts, dtype, skip)
     adapter = adapter_cls(pipe, model, opts)
+    if not encoders:
+        adapter.release_encoders(vae_config(model, opts), torch.device(device), dtype)
     adapter.to(device, dtype)
     return adapter
 
 
 __all__ = [
     "AttentionError", "Cond", "DiffusionAdapter", "FAMILIES", "FlowMatchAdapter", "Flux2Adapter", "Flux2KleinAdapter", "FluxAdapter",
-    "PIPELINES", "QwenImageAdapter", "SD3Adapter",
-    "SDXLAdapter", "SamplingSchedule", "UNetAdapter", "UnsupportedModelError", "cat_cond", "detect_family", "index_cond", "load_adapter", "repeat_cond",
+    "PIPELINES", "QwenImageAdapter", "SD3Adapter", "SDXLAdapter", "SamplingSchedule", "UNetAdapter", "UnsupportedModelError", "cat_cond",
+    "detect_family", "index_cond", "load_adapter", "load_pipeline", "repeat_cond", "vae_config",
 ]

@@ -121,26 +121,69 @@ class DiffusionAdapter:
     def denoiser(self, module: torch.nn.Module) -> None:
         setattr(self.pipe, self.denoiser_name, module)
 
+    TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
     @property
     def vae(self):
+        if self.pipe.vae is None and self.encoders_released:
+            raise RuntimeError("the VAE was released (training reads the latent cache); call restore_encoders() first")
         return self.pipe.vae
 
-    def text_encoders(self) -> list[torch.nn.Module]:
-        return [m for m in (getattr(self.pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")) if m is not None]
+    @property
+    def vae_config(self):
+        """The VAE's config (scaling and shift factors, block widths); kept when the VAE is released."""
+        return self._released["vae_config"] if self.encoders_released else self.pipe.vae.config
 
-    def offload_text_encoders(self) -> None:
-        """Move the text encoders to the CPU, giving their accelerator memory back (T5-XXL, Mistral
-        and Qwen encoders are the largest frozen parts): for a run that trains from cached prompt
-        embeddings and encodes no prompt after this."""
-        for module in self.text_encoders():
-            module.to("cpu")
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [m for m in (getattr(self.pipe, n, None) for n in self.TEXT_ENCODER_NAMES) if m is not None]
 
     def frozen_modules(self) -> list[torch.nn.Module]:
-        return [self.vae, *self.text_encoders()]
+        return [m for m in (self.pipe.vae, *self.text_encoders()) if m is not None]
+
+    @property
+    def encoders_released(self) -> bool:
+        return getattr(self, "_released", None) is not None
+
+    def release_encoders(self, vae_config=None, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        """Drop the VAE and text encoders (their memory is freed once nothing else holds them).
+
+        For training from the latent cache, which holds every latent moment and prompt embedding
+        the step reads: the step then keeps only the denoiser. What the step still needs of the VAE
+        (its config, device, dtype) is kept; :meth:`restore_encoders` loads them back. An adapter
+        loaded without them (``load_adapter(encoders=False)``) is given those three instead."""
+        if self.encoders_released:
+            return
+        vae = self.pipe.vae
+        if vae is not None:
+            vae_config, device, dtype = vae.config, next(vae.parameters()).device, next(vae.parameters()).dtype
+        self._released = {"vae_config": vae_config, "device": torch.device(device), "dtype": dtype}
+        self.pipe.vae = None
+        for name in self.TEXT_ENCODER_NAMES:
+            if getattr(self.pipe, name, None) is not None:
+                setattr(self.pipe, name, None)
+
+    def restore_encoders(self) -> None:
+        """Load the VAE and text encoders (released by :meth:`release_encoders`, or never loaded)
+        from ``model_id``, in the dtype and on the device recorded for them; the denoiser is kept."""
+        if not self.encoders_released:
+            return
+        from .loading import load_pipeline
+
+        released = self._released
+        names = ("vae", *self.TEXT_ENCODER_NAMES)
+        fresh = load_pipeline(self.model_id, type(self), self.opts, released["dtype"], skip=(self.denoiser_name,))
+        self._released = None
+        for name in names:
+            module = getattr(fresh, name, None)
+            if module is not None:
+                module.requires_grad_(False).eval().to(released["device"])
+                # register_modules, not setattr: a pipeline records a component set to None as
+                # absent in its config (model_index.json), and setattr would not record it back
+                self.pipe.register_modules(**{name: module})
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return 2 ** (len(self.vae_config.block_out_channels) - 1)
 
     @property
     def latent_channels(self) -> int:
@@ -152,7 +195,14 @@ class DiffusionAdapter:
 
     @property
     def device(self) -> torch.device:
+        if self.encoders_released:
+            return self._released["device"]
         return next(self.vae.parameters()).device
+
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        """The dtype the VAE encodes and decodes in."""
+        return self._released["dtype"] if self.encoders_released else self.vae.dtype
 
     def to(self, device, dtype: torch.dtype | None = None) -> "DiffusionAdapter":
         """Move all components; ``dtype`` applies to the frozen parts (VAE, text encoders)."""
@@ -252,6 +302,7 @@ class DiffusionAdapter:
 
     def save_full(self, output_dir: str) -> None:
         """Write the whole pipeline (trained denoiser included) as a diffusers model dir."""
+        self.restore_encoders()  # a pipeline dir needs every component
         self.pipe.save_pretrained(output_dir, safe_serialization=True)
 
     # ----------------------------------------------------------------------- images
@@ -271,17 +322,16 @@ class DiffusionAdapter:
     def latents_from_moments(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Sample the posterior and scale, exactly as ``latent_dist.sample()`` would: cached and
         uncached training draw the same numbers from the same RNG."""
-        vae = self.vae
-        mean = mean.to(vae.device, vae.dtype)
+        mean = mean.to(self.device, self.latent_dtype)
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype) if generator is None \
             else torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
         return self.scale_latents(mean + std.to(mean.device, mean.dtype) * noise)
 
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Raw VAE latents -> the denoiser's space: ``(z - shift_factor) * scaling_factor``."""
-        cfg = self.vae.config
+        cfg = self.vae_config
         shift = getattr(cfg, "shift_factor", None) or 0.0
-        return ((latents.to(self.vae.device) - shift) * cfg.scaling_factor).float()
+        return ((latents.to(self.device) - shift) * cfg.scaling_factor).float()
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -63,8 +63,9 @@ def rank_generator(seed: int, accelerator, device=None) -> torch.Generator:
     return g
 
 
-def build_trainable(cfg, accelerator) -> tuple[DiffusionAdapter, list[torch.nn.Parameter], torch.nn.Module | None]:
+def build_trainable(cfg, accelerator, encoders: bool = True) -> tuple[DiffusionAdapter, list[torch.nn.Parameter], torch.nn.Module | None]:
     """Load the adapter; add LoRA (``lora.rank > 0``) or unfreeze everything (full fine-tuning).
+    ``encoders=False``: without the VAE and text encoders (training from the latent cache).
 
     Returns ``(adapter, trainable_params, frozen_reference)``. With LoRA the reference is the
     same network with adapters disabled, so ``frozen_reference`` is None; full fine-tuning gets
@@ -72,7 +73,8 @@ def build_trainable(cfg, accelerator) -> tuple[DiffusionAdapter, list[torch.nn.P
     """
     dtype = weight_dtype_for(accelerator)
     use_lora = cfg.lora.rank > 0
-    adapter = load_adapter(cfg.model, cfg.model_opts, dtype=dtype if use_lora else torch.float32, device=accelerator.device)
+    adapter = load_adapter(cfg.model, cfg.model_opts, dtype=dtype if use_lora else torch.float32, device=accelerator.device,
+                           encoders=encoders)
     adapter.cast_frozen(dtype)  # casts only what is not in dtype yet (a no-op cast still warns)
     net = adapter.denoiser
     if cfg.model_opts.gradient_checkpointing:
@@ -105,6 +107,12 @@ def make_optimizer(cfg, params, accelerator):
     if o.scale_lr:
         lr *= cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
     opt_cls = torch.optim.AdamW
+    extra = {}
+    # One fused kernel for the whole update on GPUs. CPUs keep the default (foreach) kernel:
+    # the update of LoRA weights is a sliver of a CPU step, and CPU runs (tests, the testbed)
+    # keep their numbers.
+    if all(p.is_cuda for p in params):
+        extra["fused"] = True
     if o.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -112,8 +120,8 @@ def make_optimizer(cfg, params, accelerator):
             from ..errors import UserError
 
             raise UserError("optim.use_8bit_adam=true needs bitsandbytes (pip install 'diffalign[bnb]'), or set it false") from None
-        opt_cls = bnb.optim.AdamW8bit
-    optimizer = opt_cls(params, lr=lr, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay, eps=o.adam_epsilon)
+        opt_cls, extra = bnb.optim.AdamW8bit, {}
+    optimizer = opt_cls(params, lr=lr, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay, eps=o.adam_epsilon, **extra)
     from diffusers.optimization import get_scheduler
 
     scheduler = get_scheduler(

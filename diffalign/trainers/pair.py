@@ -4,12 +4,16 @@ DCPO, TPO, IPO, CoPG, InPO, ...; see :mod:`diffalign.losses.methods`).
 One loop for every model family and every method. Per optimizer step:
 
 1. a batch (:mod:`diffalign.data.batches`) of the data variant the method reads -> VAE latents
-   and prompt conditioning;
+   and prompt conditioning. By default pairs come from the latent cache
+   (:mod:`diffalign.data.cache`: VAE moments and prompt embeddings computed once, the VAE and text
+   encoders then freed), which changes no number of the estimator;
 2. one timestep and one noise draw per pair, shared by its chosen and rejected latents;
 3. chosen and rejected concatenated into **one** forward of the trained model;
 4. the reference forward when the method needs it: the same network with LoRA disabled (or a
-   frozen copy), under no_grad;
+   frozen copy), under ``torch.inference_mode`` (no autograd bookkeeping);
 5. the method's loss on the per-sample MSEs; backward; clip; step.
+
+Metrics stay on the device between log steps (``log_every``): only logged steps copy them to the host.
 
 The method's class says what differs (reference, data variant, noising, default beta); this
 module names no method.
@@ -17,11 +21,13 @@ module names no method.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from tqdm.auto import tqdm
 
 from ..data.batches import CachedPairBatch, PairBatch, UnpairedBatch
-from ..data.cache import cached_dataloader, fixed_pair_draws
+from ..data.cache import cache_applies, cached_dataloader, fixed_pair_draws, resolve_cache_dir
 from ..data.variants import variant_dataloader
 from ..logging import is_quiet
 from ..losses import per_sample_mse
@@ -56,14 +62,16 @@ def _noised(adapter, reference, latents, noise, timesteps, cond, cfg):
 
 def reference_mse(adapter, reference, x_t, timesteps, cond, target) -> torch.Tensor:
     """Per-sample MSEs of the reference (``reference``, or the trained network with its
-    adapters disabled when None), under no_grad."""
-    with torch.no_grad():
+    adapters disabled when None), under ``torch.inference_mode``; returned as an ordinary tensor
+    (a clone made outside inference mode), so the loss may use it in autograd."""
+    with torch.inference_mode():
         if reference is None:
             with adapter.adapters_disabled(adapter.denoiser):
                 ref_pred = adapter.predict(x_t, timesteps, cond)
         else:
             ref_pred = adapter.predict(x_t, timesteps, cond, denoiser=reference)
-        return per_sample_mse(ref_pred, target)
+        mse = per_sample_mse(ref_pred, target)
+    return mse.clone()
 
 
 def pair_forward(adapter, net, reference, batch, generator, method: str | type[OfflineMethod], cfg) -> PairMSEs:
@@ -96,10 +104,13 @@ def _paired_forward(adapter, net, reference, batch: PairBatch | CachedPairBatch,
     noise2, t2 = torch.cat([noise, noise]), torch.cat([timesteps, timesteps])
     cond2 = cat_cond(cond, cond_l)
     x_t, target = _noised(adapter, reference, latents, noise2, t2, cond2, cfg)
+    # The reference first: its forward's buffers are gone before the policy's activations are
+    # held for backward, so the step's peak memory does not stack the two.
+    ref = reference_mse(adapter, reference, x_t, t2, cond2, target) if with_reference else None
     mse_w, mse_l = per_sample_mse(adapter.predict(x_t, t2, cond2, denoiser=net), target).chunk(2)
-    if not with_reference:
+    if ref is None:
         return PairMSEs(mse_w, mse_l)
-    ref_w, ref_l = reference_mse(adapter, reference, x_t, t2, cond2, target).chunk(2)
+    ref_w, ref_l = ref.chunk(2)
     return PairMSEs(mse_w, mse_l, ref_w, ref_l)
 
 
@@ -137,7 +148,10 @@ class PairRecipe:
     def setup(self) -> PairRecipe:
         cfg = self.cfg
         self.accelerator = setup_accelerator(cfg)
-        self.adapter, self.params, self.reference = build_trainable(cfg, self.accelerator)
+        # Training from the latent cache needs no VAE or text encoder: they are not loaded at all
+        # (the cache build, on a first run, loads them for itself).
+        self.cached, self.uncached_reason = cache_applies(cfg)
+        self.adapter, self.params, self.reference = build_trainable(cfg, self.accelerator, encoders=not self.cached)
         optimizer, lr_scheduler = make_optimizer(cfg, self.params, self.accelerator)
         loader = self._dataloader()
         self.net, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.adapter.denoiser, optimizer, lr_scheduler)
@@ -150,24 +164,33 @@ class PairRecipe:
         cfg = self.cfg
         progress = tqdm(range(self.start_step, cfg.max_steps + 1), initial=self.start_step - 1, total=cfg.max_steps,
                         desc=f"{cfg.method}", disable=not self.accelerator.is_main_process or is_quiet())
+        since_log = 0
         for step in progress:
             sums, skipped_step, skipped_update = self._accumulate()
             self._count_nonfinite(skipped_update)
-            values = self._step_values(step, sums, skipped_step, skipped_update)
+            self._count_skipped_rows(skipped_step)
+            since_log += 1
             if step % cfg.log_every == 0 or step == cfg.max_steps:
+                values = self._step_values(step, sums, skipped_update, since_log)
+                since_log = 0
                 self.logger.log(step, values)
-            progress.set_postfix(loss=f"{values['loss']:.4g}", acc=f"{values.get('implicit_acc', float('nan')):.2f}")
+                progress.set_postfix(loss=f"{values['loss']:.4g}", acc=f"{values.get('implicit_acc', float('nan')):.2f}")
             self.ckpt.maybe_save(step, {"skipped_total": self.skipped_total, "nonfinite_in_a_row": self.nonfinite_in_a_row},
                                  self.batches_consumed)
         return self._finish()
 
     # -------------------------------------------------------------------------- setup parts
     def _dataloader(self):
+        """The latent cache's loader (the default; the VAE and text encoders, if a cache build
+        loaded them, are freed after it), or the data variant's pixel loader when the cache does
+        not apply."""
         cfg, accelerator = self.cfg, self.accelerator
-        if cfg.data_opts.cache_dir:
-            loader = cached_dataloader(cfg, self.adapter, accelerator)
-            self.adapter.offload_text_encoders()  # the cache holds every prompt embedding training reads
+        if self.cached:
+            loader = cached_dataloader(cfg, self.adapter, accelerator, resolve_cache_dir(cfg, self.adapter))
+            self.adapter.release_encoders()
             return loader
+        if accelerator.is_main_process and not is_quiet():
+            print(f"latent cache off ({self.uncached_reason}): the VAE and text encoders run on every batch", file=sys.stderr)
         return variant_dataloader(cfg, rank=accelerator.process_index, world_size=accelerator.num_processes)
 
     def _resume(self, loader) -> None:
@@ -189,8 +212,8 @@ class PairRecipe:
 
     # -------------------------------------------------------------------------- one step
     def _accumulate(self) -> tuple[dict[str, float], dict[str, int], bool]:
-        """One optimizer step over ``gradient_accumulation_steps`` batches: (metric means,
-        rows skipped by the data stream, whether a NaN/inf skipped an update)."""
+        """One optimizer step over ``gradient_accumulation_steps`` batches: (metric means as
+        device tensors, rows skipped by the data stream, whether a NaN/inf skipped an update)."""
         cfg = self.cfg
         sums: dict[str, float] = {}
         skipped_step: dict[str, int] = {}
@@ -206,10 +229,10 @@ class PairRecipe:
                 if self.ema is not None and stepped and self.accelerator.sync_gradients:
                     self.ema.step()
             skipped_update = skipped_update or not stepped
-            for k, v in {"loss": loss.detach(), **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / cfg.gradient_accumulation_steps
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + v.detach() / cfg.gradient_accumulation_steps
             if grad_norm is not None:
-                sums["grad_norm"] = float(grad_norm)
+                sums["grad_norm"] = grad_norm
         return sums, skipped_step, skipped_update
 
     def _loss(self, batch):
@@ -228,12 +251,15 @@ class PairRecipe:
             self.nonfinite_in_a_row, skipped_update, self.cfg.loss.max_nonfinite_steps, "optimizer steps",
             "likely causes: learning rate too high, fp16 overflow (try mixed_precision=bf16 or no), or corrupt data")
 
-    def _step_values(self, step: int, sums: dict, skipped_step: dict, skipped_update: bool) -> dict:
-        """The step's ``metrics.jsonl`` row: metrics averaged over processes, plus the counters."""
-        cfg, accelerator = self.cfg, self.accelerator
-        values = mean_across_processes(accelerator, sums)
-        for k, v in sum_across_processes(accelerator, skipped_step).items():
+    def _count_skipped_rows(self, skipped_step: dict) -> None:
+        for k, v in sum_across_processes(self.accelerator, skipped_step).items():
             self.skipped_total[k] = self.skipped_total.get(k, 0) + v
+
+    def _step_values(self, step: int, sums: dict, skipped_update: bool, steps_since_log: int) -> dict:
+        """The logged step's ``metrics.jsonl`` row: its metrics copied to the host and averaged over
+        processes, plus the counters; ``step_seconds`` is the mean over the steps since the last row."""
+        cfg, accelerator = self.cfg, self.accelerator
+        values = mean_across_processes(accelerator, {k: float(v) for k, v in sums.items()})
         values.update({
             "lr": self.lr_scheduler.get_last_lr()[0],
             "beta": cfg.beta,
@@ -241,7 +267,7 @@ class PairRecipe:
             "skipped_rows": sum(self.skipped_total.values()),
             **{f"skipped_rows/{k}": v for k, v in sorted(self.skipped_total.items())},
             "pairs_seen": step * cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes,
-            "step_seconds": self.timer.lap(),
+            "step_seconds": self.timer.lap() / steps_since_log,
         })
         return values
 

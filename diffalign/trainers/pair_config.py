@@ -27,8 +27,9 @@ class PairLossOptions(MaPOOptions, KTOOptions, IPOOptions, TPOOptions, CoPGOptio
     max_nonfinite_steps: int = 5  # abort after this many consecutive NaN/inf steps
     noising: str | None = None  # random | ddim_inversion; None: the method's own (ddim_inversion for inpo)
     inversion_steps: int = 4  # DDIM/Euler inversion steps for noising=ddim_inversion
-    # Estimator variant (needs data_opts.cache_dir): one fixed (timestep, noise) per pair, and the
-    # reference's losses at it computed once into the cache; no reference forward while training.
+    # Estimator variant, never the default (needs data_opts.cache_dir): one fixed (timestep, noise)
+    # per pair, and the reference's losses at it computed once into the cache; no reference
+    # forward while training, at the price of one noise draw per pair for the whole run.
     cached_reference: bool = False
 
     def validate(self) -> None:
@@ -88,6 +89,7 @@ class PairTrainConfig(BaseTrainConfig):
         check(self.data_opts.resolution >= 8, "data_opts.resolution", "must be >= 8")
         if self.loss.cached_reference:
             check(bool(self.data_opts.cache_dir), "loss.cached_reference", "needs data_opts.cache_dir (the losses live in the cache)")
+            check(self.data_opts.cache, "loss.cached_reference", "needs the latent cache (data_opts.cache=true)")
             supported = [m.name for m in OFFLINE_METHODS.values() if m.cached_reference]
             check(method.cached_reference, "loss.cached_reference", f"applies to {', '.join(supported)}")
 
