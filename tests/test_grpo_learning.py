@@ -58,3 +58,36 @@ def test_tree_grpo_raises_redness(sdxl, tmp_path):
     _learns(sdxl, tmp_path, "sampler.num_steps=4", "schedule.kind=tree",
             "schedule.tree.branch_steps=[0,1]", "schedule.tree.branch_factor=2", "schedule.tree.sde_between=false")
 
+
+
+# DiffusionNFT and AWM (flow models only) on the tiny SD3. Their update regresses the model towards
+# its own high-advantage samples, so the reward must be visible in those samples: through the tiny
+# random VAE, colour rewards of the decoded images are not (measured: redness/brightness flat for
+# NFT, AWM and even Flow-GRPO on this model), so the reward here is read off the final latents (the
+# mean of channel 0), scored in place of the decoded-image rewards. Measured, seed 0, 12 steps of
+# 64 images: NFT +8.5, AWM +6.6, Flow-GRPO (shared noise) +6.5 standard deviations.
+FORWARD = ("sampler.cfg=false", "sampler.resolution=16", "group_size=16", "batch_size=32", "prompts_per_step=4",
+           "train_batch_size=64", "max_steps=12", "eval.every=-1", "seed=0", "sampler.num_steps=3",
+           "optim.learning_rate=5e-2")
+
+
+@pytest.mark.parametrize("method,overrides", [
+    ("nft", ("forward.train_timesteps=3",)),
+    ("awm", ("forward.train_timesteps=2", "forward.skip_first_step=false")),
+])
+def test_forward_process_methods_raise_a_latent_reward(tiny_model, tmp_path, monkeypatch, method, overrides):
+    import diffalign.trainers.grpo as grpo
+    from diffalign.trainers import train
+
+    def latent_channel_mean(adapter, latents, prompts, metadata, rewards):
+        value = latents.float()[:, 0].mean(dim=(1, 2)).cpu()
+        return {**{name: value for name, _, _ in rewards}, "_seconds": 0.0}
+
+    monkeypatch.setattr(grpo, "score_images", latent_channel_mean)
+    cfg = load_config(CONFIGS / f"{method}.yaml", [f"model={tiny_model('sd3')}", f"output_dir={tmp_path}", *FORWARD, *overrides])
+    train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rewards = [r["reward_mean"] for r in rows]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    std = sum(r["reward_std"] for r in rows[:3]) / 3
+    assert last - first > 2 * std, f"{method}: reward did not rise by a margin: {rewards} (std {std:.4g})"
