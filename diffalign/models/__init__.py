@@ -59,7 +59,7 @@ def load_adapter(model: str, opts=None, dtype: torch.dtype = torch.float32, devi
 
     opts = opts or ModelOptions()
     adapter_cls = FAMILIES[detect_family(model, opts.revision)]
-    skip = () if encoders else ("vae", *adapter_cls.TEXT_ENCODER_NAMES)
+    skip = () if encoders else (*(() if adapter_cls.latent_stats_in_vae_weights else ("vae",)), *adapter_cls.TEXT_ENCODER_NAMES)
     pipe = load_pipeline(model, adapter_cls, opts, dtype, skip)
     adapter = adapter_cls(pipe, model, opts)
     if not encoders:

@@ -156,11 +156,20 @@ class DiffusionAdapter:
         vae = self.pipe.vae
         if vae is not None:
             vae_config, device, dtype = vae.config, next(vae.parameters()).device, next(vae.parameters()).dtype
+            self.keep_from_vae(vae)
         self._released = {"vae_config": vae_config, "device": torch.device(device), "dtype": dtype}
         self.pipe.vae = None
         for name in self.TEXT_ENCODER_NAMES:
             if getattr(self.pipe, name, None) is not None:
                 setattr(self.pipe, name, None)
+
+    # True for a family whose latent normalisation lives in the VAE's weights (FLUX.2's BatchNorm
+    # statistics), not its config: training from the cache then loads the VAE once to keep them
+    latent_stats_in_vae_weights = False
+
+    def keep_from_vae(self, vae) -> None:
+        """Keep what the latent scaling needs of ``vae`` before :meth:`release_encoders` drops it
+        (nothing by default: the config is kept anyway)."""
 
     def restore_encoders(self) -> None:
         """Load the VAE and text encoders (released by :meth:`release_encoders`, or never loaded)

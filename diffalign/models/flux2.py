@@ -88,15 +88,24 @@ class Flux2Adapter(FluxAdapter):
         return {"encoder_hidden_states": embeds}
 
     # ----------------------------------------------------------------------- latent space
+    latent_stats_in_vae_weights = True
+
+    def keep_from_vae(self, vae) -> None:
+        self._bn_stats = (vae.bn.running_mean.detach().clone(), vae.bn.running_var.detach().clone(),
+                          vae.config.batch_norm_eps)
+
     def _bn_moments(self, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        bn, eps = self.vae.bn, self.vae.config.batch_norm_eps
-        mean = bn.running_mean.view(1, -1, 1, 1).to(ref.device, torch.float32)
-        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1).to(ref.device, torch.float32) + eps)
+        """The VAE BatchNorm's running mean and std (kept by :meth:`keep_from_vae` once the VAE is released)."""
+        stats = getattr(self, "_bn_stats", None) if self.pipe.vae is None else None
+        running_mean, running_var, eps = stats or (self.vae.bn.running_mean, self.vae.bn.running_var,
+                                                   self.vae.config.batch_norm_eps)
+        mean = running_mean.view(1, -1, 1, 1).to(ref.device, torch.float32)
+        std = torch.sqrt(running_var.view(1, -1, 1, 1).to(ref.device, torch.float32) + eps)
         return mean, std
 
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Raw VAE latents -> the transformer's space: 2x2 patchify, then BatchNorm-normalise."""
-        x = patchify(latents.to(self.vae.device).float())
+        x = patchify(latents.to(self.device).float())
         mean, std = self._bn_moments(x)
         return (x - mean) / std
 

@@ -64,7 +64,7 @@ class QwenImageAdapter(FlowMatchAdapter):
     # ----------------------------------------------------------------------- components
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** len(self.vae.temperal_downsample)
+        return 2 ** len(self.vae_config.temperal_downsample)
 
     @property
     def latent_channels(self) -> int:
@@ -89,7 +89,7 @@ class QwenImageAdapter(FlowMatchAdapter):
 
     # ----------------------------------------------------------------------- images
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.vae.config
+        cfg = self.vae_config
         mean = torch.tensor(cfg.latents_mean, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
         std = torch.tensor(cfg.latents_std, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
         return mean, std
@@ -103,7 +103,7 @@ class QwenImageAdapter(FlowMatchAdapter):
 
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Raw VAE latents -> the transformer's space: ``(z - latents_mean) / latents_std`` per channel."""
-        z = latents.to(self.vae.device).float()
+        z = latents.to(self.device).float()
         mean, std = self._latent_stats(z)
         return (z - mean) / std
 
