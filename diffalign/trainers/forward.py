@@ -135,7 +135,7 @@ class ForwardRLRecipe(GRPORecipe):
                                                      [x.cpu() for x in ro.ancestors], ro.rows_per_depth)
         weights = {r.name: r.weight for r in cfg.rewards}
         per_depth, combined = rollout_advantages(scores, weights, groups, ancestors, a.multi_reward, a.tree, a.std,
-                                                 a.eps, a.clip)
+                                                 a.eps, a.clip, a.std_ddof)
         rank, n = self.accelerator.process_index, ro.final.shape[0]
         adv = per_depth[-1][rank * n:(rank + 1) * n].to(self.device)
         return ImageAdvantages(ro.final, ro.prompt_index, adv, scores, groups, combined)
