@@ -27,7 +27,6 @@ import torch
 from ..config import ConfigError
 from ..losses.forward import awm_log_prob, nft_loss, nft_optimality, old_policy_decay, velocity_kl
 from ..losses.grpo import grpo_clip_loss
-from ..optim_step import guarded_backward, guarded_step
 from ..pipelines import DeterministicStep, GuidedModel, RolloutPlan, make_step_kind, split_prediction
 from ..tensors import per_row
 from .advantages import rollout_advantages, zero_std_group_fraction
@@ -156,36 +155,13 @@ class ForwardRLRecipe(GRPORecipe):
             perm = torch.randperm(sample_idx.shape[0], generator=self.generator).to(self.device)
             for uidx in torch.tensor_split(perm, cfg.updates_per_epoch):
                 if uidx.numel():
-                    self._forward_update(model, adv, rows, uidx, stats)
+                    taken = self.guarded_update(uidx, lambda midx: self.rows_loss(model, adv, rows[midx]), stats)
+                    self.optimizer_steps += int(taken)
         self.lr_scheduler.step()
         self._decay_old_policy()
         return stats
 
     # ---- pieces of the update
-    def _forward_update(self, model: GuidedModel, adv: ImageAdvantages, rows: NoisedRows, uidx: torch.Tensor,
-                        stats: UpdateStats) -> None:
-        micro = torch.split(uidx, self.cfg.train_batch_size or self.cfg.batch_size)
-
-        def backward() -> bool:
-            finite = True
-            for j, midx in enumerate(micro):
-                last = j == len(micro) - 1
-                with contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy.wrapped):
-                    loss, metrics = self.rows_loss(model, adv, rows[midx])
-                    finite = finite and guarded_backward(self.accelerator, loss, midx.numel() / uidx.numel())
-                stats.add({"loss": loss.detach(), **metrics})
-                stats.micro_batches += 1
-            return finite
-
-        skipped, grad_norm = guarded_step(self.accelerator, backward, self.params, self.optimizer,
-                                          max_grad_norm=self.cfg.optim.max_grad_norm)
-        stats.skipped += int(skipped)
-        self.optimizer_steps += int(not skipped)
-        if self.ema is not None and not skipped:
-            self.ema.step()
-        if grad_norm is not None:
-            stats.add({"grad_norm": grad_norm}, len(micro))
-
     def _noised(self, adv: ImageAdvantages, batch: NoisedRows):
         co = self.table.coeffs(batch.step)
         x0 = adv.final[batch.sample].float()

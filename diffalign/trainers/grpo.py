@@ -333,8 +333,22 @@ class GRPORecipe:
 
     def _optimizer_update(self, model: GuidedModel, trans: Transitions, uidx: torch.Tensor, stats: UpdateStats,
                           measure_mismatch: bool) -> None:
-        """One optimizer update over transitions ``uidx``, in micro-batches of ``train_batch_size``
-        (gradients all-reduced on the last one only)."""
+        """One optimizer update over transitions ``uidx`` (see :meth:`guarded_update`); the first
+        update of a step also measures ``logprob_mismatch`` (on-policy: must be ~0)."""
+
+        def micro_loss(midx: torch.Tensor):
+            batch = trans[midx]
+            loss, metrics, log_prob = self.transition_loss(model, batch)
+            if measure_mismatch:
+                stats.mismatch = max(stats.mismatch, float((log_prob.detach() - batch.log_prob).abs().max()))
+            return loss, metrics
+
+        self.guarded_update(uidx, micro_loss, stats)
+
+    def guarded_update(self, uidx: torch.Tensor, micro_loss, stats: UpdateStats) -> bool:
+        """One guarded optimizer step over rows ``uidx`` in micro-batches of ``train_batch_size``:
+        ``micro_loss(rows) -> (loss, metrics)``; gradients all-reduced on the last micro-batch only;
+        the EMA (if any) follows a step that was taken. Returns whether the step was taken."""
         micro = torch.split(uidx, self.cfg.train_batch_size or self.cfg.batch_size)
 
         def backward() -> bool:
@@ -342,11 +356,8 @@ class GRPORecipe:
             for j, midx in enumerate(micro):
                 last = j == len(micro) - 1
                 with contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy.wrapped):
-                    batch = trans[midx]
-                    loss, metrics, log_prob = self.transition_loss(model, batch)
+                    loss, metrics = micro_loss(midx)
                     finite = finite and guarded_backward(self.accelerator, loss, midx.numel() / uidx.numel())
-                if measure_mismatch:
-                    stats.mismatch = max(stats.mismatch, float((log_prob.detach() - batch.log_prob).abs().max()))
                 stats.add({"loss": loss.detach(), **metrics})
                 stats.micro_batches += 1
             return finite
@@ -358,6 +369,7 @@ class GRPORecipe:
             self.ema.step()
         if grad_norm is not None:
             stats.add({"grad_norm": grad_norm}, len(micro))
+        return not skipped
 
     def transition_loss(self, model: GuidedModel, batch: Transitions):
         """GRPO loss of ``batch``: recompute its log-probs with the trained model. Returns
