@@ -10,22 +10,41 @@ import torch
 
 def test_budgets_and_configs_load():
     from diffalign.config import load_config
-    from diffalign.eval.testbed_job import CONFIG_DIR, METHODS, load_budget
+    from diffalign.eval.testbed_job import CONFIG_DIR, METHODS, budget_methods, load_budget
     from diffalign.testbed.base_model import BUDGETS
 
-    for budget in ("quick", "full", "long"):
+    for budget in ("quick", "full", "long", "mismatch_grid", "online_check"):
         b = load_budget(budget)
         assert {"base", "flow_base", "n_pairs", "methods", "pair_overrides", "grpo_overrides", "indist_prompts",
                 "compositional_prompts", "indist_seeds", "compositional_seeds"} <= set(b)
         assert BUDGETS[b["base"]].family == "sd15" and BUDGETS[b["flow_base"]].family == "sd3"
-        assert set(b["methods"]) <= set(METHODS)
-        for name in b["methods"]:  # the budget's overrides apply to every method's config
-            m = METHODS[name]
-            ov = ["model=M", "data=D", *b["grpo_overrides" if m.online else "pair_overrides"], *b.get("method_overrides", {}).get(name, [])]
+        table, extra = budget_methods(b, budget)
+        assert set(b["methods"]) <= set(table)
+        for name in b["methods"]:  # the budget's (and a variant's) overrides apply to the method's config
+            m = table[name]
+            ov = ["model=M", "data=D", *b["grpo_overrides" if m.online else "pair_overrides"],
+                  *b.get("method_overrides", {}).get(name, []), *extra.get(name, [])]
             cfg = load_config(CONFIG_DIR / m.config, ov)
-            assert cfg.method == ("grpo" if m.online else name.split("_")[0])
+            kind = (b.get("variants") or {}).get(name, {}).get("of", name)
+            assert cfg.method == {"dpo_mismatch": "dpo", "mapo_mismatch": "mapo", "mixgrpo": "grpo", "ddpo": "grpo",
+                                  "dancegrpo": "grpo"}.get(kind, kind)
     assert load_config(CONFIG_DIR / "mixgrpo.yaml", ["model=M"]).schedule.kind == "window"
     assert load_budget("quick").get("plumbing") and not load_budget("full").get("plumbing")
+    # the diagnostic variants train on the warmth taste and are judged on it
+    table, extra = budget_methods(load_budget("online_check"), "online_check")
+    assert table["nft_warmth"].target == "testbed_style" and METHODS["nft"].target == "testbed"
+    assert load_config(CONFIG_DIR / "nft.yaml", ["model=M", *extra["nft_warmth"]]).rewards[0].args == {
+        "faithfulness_weight": 0.0, "aesthetic_weight": 1.0}
+
+
+def test_bad_variant_is_one_clear_error():
+    from diffalign.errors import UserError
+    from diffalign.eval.testbed_job import budget_methods
+
+    with pytest.raises(UserError, match="variant 'v' needs 'of"):
+        budget_methods({"variants": {"v": {"of": "nope"}}}, "b")
+    with pytest.raises(UserError, match="variant 'v' has target 'clip'"):
+        budget_methods({"variants": {"v": {"of": "grpo", "target": "clip"}}}, "b")
 
 
 def test_caching_sampler_samples_once():
@@ -186,3 +205,43 @@ def test_shipped_bases_draw_the_world(budget, floor):
     images = generate(load_pipeline(str(path)), caps, seeds, steps=10, guidance=3.0, resolution=None, max_sequence_length=msl)
     score = float(testbed_reward(images, caps).scores.mean())
     assert score >= floor, f"{budget} base scores {score:.3f} on indist captions (floor {floor})"
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_workers_stop_when_the_job_process_is_killed(tmp_path):
+    """A killed job must not leave its worker processes training on the cores."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import os, time, multiprocessing as mp\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from diffalign.eval.testbed_job import _init_worker\n"
+        "def work():\n"
+        "    print(os.getpid(), flush=True); time.sleep(120)\n"
+        "if __name__ == '__main__':\n"
+        "    with ProcessPoolExecutor(1, mp_context=mp.get_context('spawn'), initializer=_init_worker) as pool:\n"
+        "        pool.submit(work).result()\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    worker = int(proc.stdout.readline())
+    os.kill(worker, 0)  # alive
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    def gone() -> bool:  # exited, or a zombie nobody reaps (a container's PID 1 may not)
+        try:
+            with open(f"/proc/{worker}/status") as f:
+                return any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+        except FileNotFoundError:
+            return True
+
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        if gone():
+            return
+        time.sleep(0.2)
+    os.kill(worker, signal.SIGKILL)
+    pytest.fail(f"worker {worker} outlived the killed job")

@@ -109,9 +109,10 @@ def test_reward_factories_and_registration(monkeypatch):
 
     registered = {}
     monkeypatch.setattr(rewards_pkg, "register_reward", lambda name, f, **kw: registered.__setitem__(name, f), raising=False)
-    assert register_testbed_rewards() == ("testbed", "testbed_style")
-    assert set(registered) == {"testbed", "testbed_style"}
+    assert register_testbed_rewards() == ("testbed", "testbed_soft", "testbed_style")
+    assert set(registered) == {"testbed", "testbed_soft", "testbed_style"}
     assert float(registered["testbed"]()(imgs, prompts).scores.mean()) >= 0.95
+    assert float(registered["testbed_soft"]()(imgs, prompts).scores.mean()) >= 0.85
 
 
 def test_get_reward_by_name():
@@ -125,3 +126,32 @@ def test_get_reward_by_name():
         out = r(imgs, prompts)
         assert out.scores.shape == (8,) and "strict" in out.details
     assert float(rewards.get_reward("testbed")(imgs, prompts).scores.mean()) >= 0.95
+
+
+def test_soft_grades_agree_with_hard_checks():
+    """The graded reward passes what the hard checks pass (>= 0.5 exactly where they pass) and
+    ranks images by how far they are from the thresholds."""
+    scenes = _scenes(300, seed=21)
+    imgs, prompts = _images(scenes), [caption(s) for s in scenes]
+    hard, soft = TestbedReward().evaluate(imgs, prompts), TestbedReward(soft=True).evaluate(imgs, prompts)
+    assert soft["score"].mean() >= 0.9 and np.array_equal(hard["strict"], soft["strict"])
+    wrong = [perturb_scene(s, i, ["shape"]) for i, s in enumerate(scenes)]
+    graded = TestbedReward(soft=True).evaluate(_images(wrong), prompts)
+    assert np.nanmean(graded["shape"]) < 0.2 < np.nanmean(soft["shape"]) - 0.6
+
+
+def test_soft_position_and_size_grades_follow_the_margin():
+    from diffalign.testbed.reward import SIDE_BOUND, SIZE_THRESHOLD, Component, grade_scene
+
+    def comp(cx, extent=0.2):
+        return Component("red", "circle", "small", area=40.0, cx=cx, cy=0.5, extent=extent, fill=0.78, skew=0.0)
+
+    left = Scene((ObjectGroup("red", "circle", 1, None),), "left")
+    grades = [grade_scene(left, [comp(x)])["position"][0] for x in (0.2, 0.35, SIDE_BOUND, 0.45, 0.7)]
+    assert all(a > b for a, b in zip(grades, grades[1:]))  # further left, higher grade
+    assert math.isclose(grades[2], 0.5) and grades[0] > 0.99 and grades[-1] < 0.01
+    large = Scene((ObjectGroup("red", "circle", 1, "large"),))
+    sizes = [grade_scene(large, [comp(0.5, e)])["size"][0] for e in (0.2, SIZE_THRESHOLD, 0.4)]
+    assert sizes[0] < 0.05 and math.isclose(sizes[1], 0.5) and sizes[2] > 0.95
+    # colour and count stay pass/fail; an empty image grades 0 on everything it names
+    assert grade_scene(left, []) == {"colour": [0.0], "shape": [0.0], "count": [0.0], "size": [], "position": [0.0]}

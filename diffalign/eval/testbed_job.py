@@ -31,7 +31,7 @@ import os
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import UserError
@@ -144,6 +144,22 @@ def _init_worker() -> None:
 
     torch.set_num_threads(1)
     os.environ.setdefault("TQDM_MININTERVAL", "10")
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """On Linux, have the kernel stop this worker when the job process dies (a ``kill`` of the job
+    would otherwise leave its workers training on, taking the cores from the next run)."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 @contextlib.contextmanager
@@ -286,6 +302,23 @@ class Scheduler:
 
 
 # ------------------------------------------------------------------------------------ the job
+def budget_methods(b: dict, budget: str) -> tuple[dict[str, JobMethod], dict[str, list[str]]]:
+    """The methods a budget can run: :data:`METHODS` plus its ``variants`` (a method under another
+    name with extra overrides and, optionally, another ``target`` reward: hyper-parameter grids,
+    diagnostics), and the variants' extra overrides."""
+    table = dict(METHODS)
+    extra_ov: dict[str, list[str]] = {}
+    for name, v in (b.get("variants") or {}).items():
+        if v.get("of") not in METHODS:
+            raise UserError(f"budget {budget!r}: variant {name!r} needs 'of: <method>' (one of {', '.join(METHODS)})")
+        target = v.get("target", METHODS[v["of"]].target)
+        if target not in REWARDS:
+            raise UserError(f"budget {budget!r}: variant {name!r} has target {target!r} (one of {', '.join(REWARDS)})")
+        table[name] = replace(METHODS[v["of"]], target=target)
+        extra_ov[name] = [str(o) for o in v.get("overrides", [])]
+    return table, extra_ov
+
+
 def run_testbed_compare(out: str, budget: str = "quick", methods: list[str] | None = None, force_base: bool = False,
                         seed: int = 0, workers: int | None = None, log=print) -> dict:
     from ..testbed import write_prompts
@@ -294,14 +327,7 @@ def run_testbed_compare(out: str, budget: str = "quick", methods: list[str] | No
     from .report import write_testbed_report
 
     b = load_budget(budget)
-    # a budget's variants: a method under another name with extra overrides (hyper-parameter grids)
-    table = dict(METHODS)
-    extra_ov: dict[str, list[str]] = {}
-    for name, v in (b.get("variants") or {}).items():
-        if v.get("of") not in METHODS:
-            raise UserError(f"budget {budget!r}: variant {name!r} needs 'of: <method>' (one of {', '.join(METHODS)})")
-        table[name] = METHODS[v["of"]]
-        extra_ov[name] = [str(o) for o in v.get("overrides", [])]
+    table, extra_ov = budget_methods(b, budget)
     wanted = list(methods or b.get("methods") or [])
     unknown = [m for m in wanted if m not in table]
     if unknown:  # before any work

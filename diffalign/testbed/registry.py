@@ -1,7 +1,7 @@
 """Registration of the testbed rewards in the package reward registry.
 
 ``register_testbed_rewards()`` registers ``"testbed"`` (verifiable faithfulness,
-:class:`~diffalign.testbed.reward.TestbedReward`) and ``"testbed_style"`` (the hidden
+:class:`~diffalign.testbed.reward.TestbedReward`), ``"testbed_soft"`` (its graded version) and ``"testbed_style"`` (the hidden
 utility, :class:`~diffalign.testbed.pairs.StyleReward`) with
 ``diffalign.rewards.register_reward``. Imports are lazy, so ``diffalign.rewards`` may
 itself call this function without an import cycle.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-TESTBED_REWARD_NAMES = ("testbed", "testbed_style")
+TESTBED_REWARD_NAMES = ("testbed", "testbed_soft", "testbed_style")
 
 
 def _wrap(fn, name: str, batch_size: int):
@@ -28,6 +28,14 @@ def make_testbed_reward(batch_size: int = 256, min_area_frac: float = 0.006, max
     return _wrap(TestbedReward(min_area_frac=min_area_frac, max_colour_dist=max_colour_dist), "testbed", batch_size)
 
 
+def make_testbed_soft_reward(batch_size: int = 256, min_area_frac: float = 0.006, max_colour_dist: float = 80.0, **_: Any):
+    """Factory for ``"testbed_soft"``: the same checks, shape/size/position graded by margins."""
+    from .reward import TestbedReward
+
+    reward = TestbedReward(min_area_frac=min_area_frac, max_colour_dist=max_colour_dist, soft=True)
+    return _wrap(reward, "testbed_soft", batch_size)
+
+
 def make_testbed_style_reward(batch_size: int = 256, faithfulness_weight: float = 1.0, aesthetic_weight: float = 0.5, **_: Any):
     """Factory for ``"testbed_style"`` (the hidden utility)."""
     from .pairs import StyleReward
@@ -36,7 +44,7 @@ def make_testbed_style_reward(batch_size: int = 256, faithfulness_weight: float 
 
 
 def register_testbed_rewards(overwrite: bool = False) -> tuple[str, ...]:
-    """Register ``testbed`` and ``testbed_style`` with ``diffalign.rewards.register_reward``.
+    """Register ``testbed``, ``testbed_soft`` and ``testbed_style`` with ``diffalign.rewards.register_reward``.
 
     Called on ``import diffalign.testbed``; calling it again is harmless. Afterwards
     ``diffalign.rewards.get_reward("testbed")`` builds the reward.
@@ -47,6 +55,13 @@ def register_testbed_rewards(overwrite: bool = False) -> tuple[str, ...]:
         "testbed",
         make_testbed_reward,
         description="Testbed world: GenEval-style verifiable prompt faithfulness from pixels (fraction of attributes met)",
+        overwrite=overwrite,
+    )
+    register_reward(
+        "testbed_soft",
+        make_testbed_soft_reward,
+        description="Testbed world: the testbed checks with shape/size/position graded by logistic margins "
+        "(a shaped training reward for online RL)",
         overwrite=overwrite,
     )
     register_reward(

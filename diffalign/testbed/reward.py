@@ -154,6 +154,7 @@ class Component:
     extent: float  # max(bbox h, bbox w) / image side
     fill: float  # area / bbox area
     skew: float  # downward shift of the mass centroid from the profile centre, in heights
+    aspect: float = 1.0  # max(width, height) / min(width, height)
 
 
 def background_colour(images_u8: np.ndarray) -> np.ndarray:
@@ -298,6 +299,7 @@ def segment(
                 extent=float(extent[j]),
                 fill=float(fill[j]),
                 skew=float(skew[j]),
+                aspect=float(aspect[j]),
             )
         )
     return out
@@ -328,16 +330,25 @@ def _on_side(c: Component, position: str) -> bool:
     }[position]
 
 
+def bind_groups(scene: Scene, components: Sequence[Component]):
+    """For each object group of the scene: ``(group, mine, target)``. ``mine`` are the components
+    of the group's colour (and shape, if another group names the same colour); ``target``, the
+    objects the group's checks talk about, is ``mine`` or - if empty - every component whose colour
+    no other group names."""
+    named_colours = [g.colour for g in scene.groups]
+    for i, g in enumerate(scene.groups):
+        others = named_colours[:i] + named_colours[i + 1:]
+        mine = [c for c in components if c.colour == g.colour]
+        if g.colour in others:  # colour shared: bind by shape too
+            mine = [c for c in mine if c.shape == g.shape]
+        target = mine if mine else [c for c in components if c.colour not in set(others)]
+        yield g, mine, target
+
+
 def check_scene(scene: Scene, components: Sequence[Component]) -> dict[str, list[bool]]:
     """Pass/fail of every check the scene's caption implies, grouped by attribute."""
     checks: dict[str, list[bool]] = {a: [] for a in ATTRIBUTES}
-    named_colours = [g.colour for g in scene.groups]
-    for i, g in enumerate(scene.groups):
-        mine = [c for c in components if c.colour == g.colour]
-        if g.colour in named_colours[:i] + named_colours[i + 1:]:  # colour shared: bind by shape too
-            mine = [c for c in mine if c.shape == g.shape]
-        others = set(named_colours[:i] + named_colours[i + 1:])
-        target = mine if mine else [c for c in components if c.colour not in others]
+    for g, mine, target in bind_groups(scene, components):
         checks["colour"].append(bool(mine))
         checks["shape"].append(bool(target) and all(c.shape == g.shape for c in target))
         checks["count"].append(len(target) == g.count)
@@ -345,6 +356,60 @@ def check_scene(scene: Scene, components: Sequence[Component]) -> dict[str, list
             checks["size"].append(bool(target) and all(c.size == g.size for c in target))
         if scene.position is not None:
             checks["position"].append(bool(target) and all(_on_side(c, scene.position) for c in target))
+    return checks
+
+
+# Soft grading (``TestbedReward(soft=True)``, reward name ``testbed_soft``): the scale of each
+# logistic margin, in the units of the measurement it grades.
+SOFT_SIDE = 0.04  # centroid coordinate (fraction of the side)
+SOFT_EXTENT = 0.03  # extent (fraction of the side)
+SOFT_FILL = 0.03  # fill ratio
+SOFT_SKEW = 0.02  # centroid skew (heights)
+SOFT_ASPECT = 0.1  # aspect ratio
+
+
+def _sig(z: float) -> float:
+    return float(1.0 / (1.0 + np.exp(-np.clip(z, -60.0, 60.0))))
+
+
+def shape_grade(c: Component, shape: str) -> float:
+    """Soft version of ``classify_shape(...) == shape``: the product of logistic margins to the
+    decision thresholds the hard classifier uses (0.5 on a threshold, -> 1 deep inside the class)."""
+    aspect = _sig((MAX_ASPECT - c.aspect) / SOFT_ASPECT)
+    flat = _sig((TRIANGLE_SKEW - c.skew) / SOFT_SKEW)
+    if shape == "triangle":
+        return aspect * _sig((c.skew - TRIANGLE_SKEW) / SOFT_SKEW) * _sig((TRIANGLE_FILL_MAX - c.fill) / SOFT_FILL)
+    if shape == "square":
+        return aspect * flat * _sig((c.fill - SQUARE_FILL) / SOFT_FILL)
+    if shape == "circle":
+        return aspect * flat * _sig((c.fill - CIRCLE_FILL_MIN) / SOFT_FILL) * _sig((SQUARE_FILL - c.fill) / SOFT_FILL)
+    return 0.0
+
+
+def _side_grade(c: Component, position: str) -> float:
+    margin = {"left": SIDE_BOUND - c.cx, "right": c.cx - (1 - SIDE_BOUND),
+              "top": SIDE_BOUND - c.cy, "bottom": c.cy - (1 - SIDE_BOUND)}[position]
+    return _sig(margin / SOFT_SIDE)
+
+
+def grade_scene(scene: Scene, components: Sequence[Component]) -> dict[str, list[float]]:
+    """Soft counterpart of :func:`check_scene`: the same checks on the same object binding, with
+    shape, size and position graded in [0, 1] by logistic margins to the hard thresholds (the mean
+    over the group's components instead of "all of them"); colour and count stay pass/fail.
+
+    A shaped training reward for online RL: every sample gets a distinct score that says how close
+    it is to passing, where the hard checks give most samples of a group the same score."""
+    checks: dict[str, list[float]] = {a: [] for a in ATTRIBUTES}
+    for g, mine, target in bind_groups(scene, components):
+        checks["colour"].append(float(bool(mine)))
+        checks["shape"].append(float(np.mean([shape_grade(c, g.shape) for c in target])) if target else 0.0)
+        checks["count"].append(float(len(target) == g.count))
+        if g.size is not None:
+            sign = 1.0 if g.size == "large" else -1.0
+            checks["size"].append(float(np.mean([_sig(sign * (c.extent - SIZE_THRESHOLD) / SOFT_EXTENT) for c in target]))
+                                  if target else 0.0)
+        if scene.position is not None:
+            checks["position"].append(float(np.mean([_side_grade(c, scene.position) for c in target])) if target else 0.0)
     return checks
 
 
@@ -383,12 +448,18 @@ class TestbedReward:
     fraction of checks passed) and ``.details`` (float32 tensors ``[B]``: ``strict`` 0/1,
     ``colour``/``shape``/``count``/``size``/``position`` fraction passed or NaN if not
     named, ``n_components``).
+
+    ``soft=True`` (the registered ``testbed_soft``) grades shape, size and position by
+    :func:`grade_scene` instead of passing/failing them: a shaped training reward for online RL
+    (``strict`` then counts a graded check as passed at >= 0.5, its hard threshold).
     """
 
     __test__ = False  # not a pytest class
     name = "testbed"
 
-    def __init__(self, min_area_frac: float = 0.006, max_colour_dist: float = 80.0, chunk_size: int = 256):
+    def __init__(self, min_area_frac: float = 0.006, max_colour_dist: float = 80.0, chunk_size: int = 256,
+                 soft: bool = False):
+        self.soft = bool(soft)
         self.min_area_frac = float(min_area_frac)
         self.max_colour_dist = float(max_colour_dist)
         self.chunk_size = int(chunk_size)
@@ -408,10 +479,10 @@ class TestbedReward:
             comps = segment(arr[s : s + self.chunk_size], min_area_frac=self.min_area_frac, max_colour_dist=self.max_colour_dist)
             for j, cs in enumerate(comps):
                 i = s + j
-                checks = check_scene(scenes[i], cs)
+                checks = grade_scene(scenes[i], cs) if self.soft else check_scene(scenes[i], cs)
                 flat = [v for a in ATTRIBUTES for v in checks[a]]
                 res["score"][i] = np.mean(flat)
-                res["strict"][i] = float(all(flat))
+                res["strict"][i] = float(all(v >= 0.5 for v in flat))
                 for a in ATTRIBUTES:
                     if checks[a]:
                         res[a][i] = np.mean(checks[a])
