@@ -15,6 +15,21 @@ from ..tensors import per_row
 from .base import DiffusionAdapter, Predict, SamplingSchedule
 
 
+def pack_patches(latents: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W]`` -> ``[B, H/2 * W/2, 4C]``: each 2x2 patch one token, features ordered (c, dy, dx)
+    (the packing of ``FluxPipeline`` and of ``QwenImagePipeline``, whose frame dim is dropped)."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_patches(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_patches` for latents of ``height`` x ``width``."""
+    b, _, d = tokens.shape
+    x = tokens.view(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, height, width)
+
+
 class FlowMatchAdapter(DiffusionAdapter):
     """Rectified flow: x_t = (1 - sigma) x_0 + sigma * noise, target v = noise - x_0.
 

@@ -25,21 +25,7 @@ import numpy as np
 import torch
 
 from .base import Cond
-from .flow import FlowMatchAdapter
-
-
-def pack_patches(latents: torch.Tensor) -> torch.Tensor:
-    """``[B, C, H, W]`` -> ``[B, H/2 * W/2, 4C]``: each 2x2 patch one token, features ordered (c, dy, dx)."""
-    b, c, h, w = latents.shape
-    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_patches(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`pack_patches` for latents of ``height`` x ``width``."""
-    b, _, d = tokens.shape
-    x = tokens.view(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, d // 4, height, width)
+from .flow import FlowMatchAdapter, pack_patches, unpack_patches
 
 
 def patch_position_ids(height: int, width: int, device=None) -> torch.Tensor:

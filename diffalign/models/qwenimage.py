@@ -28,22 +28,7 @@ import numpy as np
 import torch
 
 from .base import Cond
-from .flow import FlowMatchAdapter
-
-
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """``[B, C, h, w]`` -> ``[B, (h/2)(w/2), 4C]``: 2x2 patches, channel-major within a patch
-    (the layout of ``QwenImagePipeline``'s packing, frame dim dropped)."""
-    b, c, h, w = latents.shape
-    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Inverse of :func:`pack_latents` for latents of ``h`` x ``w``."""
-    b, _, d = tokens.shape
-    x = tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, d // 4, h, w)
+from .flow import FlowMatchAdapter, pack_patches, unpack_patches
 
 
 class QwenImageAdapter(FlowMatchAdapter):
@@ -122,23 +107,23 @@ class QwenImageAdapter(FlowMatchAdapter):
         b, _, h, w = x_t.shape
         with self.attention_context():
             out = net(
-                hidden_states=pack_latents(x_t.to(dtype)),
+                hidden_states=pack_patches(x_t.to(dtype)),
                 timestep=timesteps.to(x_t.device, torch.float32) / self.num_train_timesteps,
                 encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
                 encoder_hidden_states_mask=cond["encoder_hidden_states_mask"].to(x_t.device).bool(),
                 img_shapes=[[(1, h // 2, w // 2)]] * b,
                 return_dict=False,
             )[0]
-        return unpack_latents(out, h, w)
+        return unpack_patches(out, h, w)
 
     def guide(self, cond_out: torch.Tensor, uncond_out: torch.Tensor, scale: float) -> torch.Tensor:
         """True CFG, then the pipeline's rescale: each image token's guided velocity (its 2x2 patch
         across channels) gets the norm of the conditional velocity of that token."""
         h, w = cond_out.shape[-2:]
-        c, u = pack_latents(cond_out), pack_latents(uncond_out)
+        c, u = pack_patches(cond_out), pack_patches(uncond_out)
         guided = u + scale * (c - u)
         guided = guided * (c.norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True))
-        return unpack_latents(guided, h, w)
+        return unpack_patches(guided, h, w)
 
     @classmethod
     def pipeline_guidance_kwargs(cls, scale: float, batch_size: int) -> dict:

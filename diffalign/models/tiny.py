@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .tiny_qwenimage import build_qwenimage
-from .tiny_flux import FLUX2_BUILDERS, flux_scheduler
+from .tiny_flux import FLUX2_BUILDERS, deterministic_posterior, flux_scheduler
 
 TINY_TEXT_DIM = 32
 TINY_MAX_LENGTH = 77
@@ -97,12 +97,7 @@ def _tiny_vae(latent_channels: int = 4, shifted: bool = False):
         sample_size=32,
     )
     with torch.no_grad():
-        vae.quant_conv.weight[latent_channels:] = 0.0
-        vae.quant_conv.bias[latent_channels:] = -12.0
-        g = torch.Generator().manual_seed(0)
-        colours = torch.rand(16, 3, 1, 1, generator=g)
-        ramp = torch.linspace(-0.3, 0.3, 32).view(1, 1, 1, 32)
-        images = (colours + ramp * torch.rand(16, 1, 1, 1, generator=g)).expand(-1, -1, 32, -1).clamp(0, 1) * 2 - 1
+        images = deterministic_posterior(vae, latent_channels)
         mean = vae.encode(images).latent_dist.mean
     shift = float(mean.mean()) if shifted else None
     std = float((mean - (shift or 0.0)).std())

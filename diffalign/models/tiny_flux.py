@@ -1,5 +1,6 @@
-"""Tiny random-init FLUX.2 pipelines, and FLUX's scheduler config (conventions: :mod:`.tiny`, which
-also holds the FLUX.1 builder next to the CLIP/T5 tokenizers and VAE it reuses).
+"""Tiny random-init FLUX.2 pipelines, FLUX's scheduler config and the VAE calibration every tiny builder
+shares (conventions: :mod:`.tiny`, which also holds the FLUX.1 builder next to the CLIP/T5
+tokenizers and VAE it reuses).
 
 FLUX.2's text encoders are decoder LLMs whose pipelines read fixed intermediate layers (Mistral3:
 10, 20, 30; Qwen3: 9, 18, 27), so the tiny encoders keep that depth at a width of 16. Their
@@ -21,6 +22,18 @@ def flux_scheduler():
     # FLUX.1's scheduler config: resolution-dependent shift (mu) instead of a fixed one
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                            max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+
+
+def deterministic_posterior(vae, latent_channels: int) -> torch.Tensor:
+    """Make a random-init VAE's encoder near-deterministic (log-variance -12, as real VAEs are) and
+    return the calibration batch: 16 natural-ish 32 px images (flat colours with a horizontal ramp)
+    in [-1, 1], whose latents the tiny builders use to set the latent scale statistics."""
+    vae.quant_conv.weight[latent_channels:] = 0.0
+    vae.quant_conv.bias[latent_channels:] = -12.0
+    g = torch.Generator().manual_seed(0)
+    colours = torch.rand(16, 3, 1, 1, generator=g)
+    ramp = torch.linspace(-0.3, 0.3, 32).view(1, 1, 1, 32)
+    return (colours + ramp * torch.rand(16, 1, 1, 1, generator=g)).expand(-1, -1, 32, -1).clamp(0, 1) * 2 - 1
 
 
 # ------------------------------------------------------------------------------------ FLUX.2
@@ -132,12 +145,7 @@ def tiny_flux2_vae():
         block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8, latent_channels=latent_channels, sample_size=32,
     )
     with torch.no_grad():
-        vae.quant_conv.weight[latent_channels:] = 0.0
-        vae.quant_conv.bias[latent_channels:] = -12.0
-        g = torch.Generator().manual_seed(0)
-        colours = torch.rand(16, 3, 1, 1, generator=g)
-        ramp = torch.linspace(-0.3, 0.3, 32).view(1, 1, 1, 32)
-        images = (colours + ramp * torch.rand(16, 1, 1, 1, generator=g)).expand(-1, -1, 32, -1).clamp(0, 1) * 2 - 1
+        images = deterministic_posterior(vae, latent_channels)
         z = patchify(vae.encode(images).latent_dist.mean)
         vae.bn.running_mean.copy_(z.mean(dim=(0, 2, 3)))
         vae.bn.running_var.copy_(z.var(dim=(0, 2, 3)))

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from .tiny_flux import deterministic_posterior
+
 TEXT_DIM = 32
 LATENT_CHANNELS = 4
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -102,12 +104,7 @@ def calibrated_qwenimage_vae():
                                  temperal_downsample=[False], latents_mean=[0.0] * LATENT_CHANNELS,
                                  latents_std=[1.0] * LATENT_CHANNELS)
     with torch.no_grad():
-        vae.quant_conv.weight[LATENT_CHANNELS:] = 0.0
-        vae.quant_conv.bias[LATENT_CHANNELS:] = -12.0
-        g = torch.Generator().manual_seed(0)
-        colours = torch.rand(16, 3, 1, 1, generator=g)
-        ramp = torch.linspace(-0.3, 0.3, 32).view(1, 1, 1, 32)
-        images = (colours + ramp * torch.rand(16, 1, 1, 1, generator=g)).expand(-1, -1, 32, -1).clamp(0, 1) * 2 - 1
+        images = deterministic_posterior(vae, LATENT_CHANNELS)
         mean = vae.encode(images.unsqueeze(2)).latent_dist.mean[:, :, 0]  # [B, C, 1, h, w] -> frame 0
     dims = (0, 2, 3)
     vae.register_to_config(latents_mean=mean.mean(dims).tolist(), latents_std=mean.std(dims).tolist())
