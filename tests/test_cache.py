@@ -93,3 +93,43 @@ def test_cached_reference_losses_equal_a_fresh_reference_pass(tiny_model, toy_pa
     torch.testing.assert_close(ref, torch.cat([batch.ref_w, batch.ref_l]), rtol=1e-5, atol=1e-6)
     with pytest.raises(UserError, match="cache_dir"):
         load_config(ROOT / "diffalign/configs/tiny/dpo.yaml", ["model=M", "data=D", "loss.cached_reference=true"])
+
+
+def test_concurrent_builds_of_one_cache_never_disturb_a_reader(tiny_model, toy_pairs, tmp_path, monkeypatch):
+    """Runs that build the same cache at once (the testbed job trains several methods on one pair
+    set in parallel) build privately and publish complete files; a reader of the first cache keeps
+    reading it while a second build of the same contents runs and finishes."""
+    import diffalign.data.cache as cache_mod
+
+    cfg = _cfg(tiny_model("sd15"), toy_pairs, tmp_path)
+    adapter = load_adapter(cfg.model, cfg.model_opts)
+    out = Path(cfg.data_opts.cache_dir)
+    build_cache(cfg, adapter, batch_size=5, shard_rows=7)
+    index = check_cache(cfg, adapter)
+    inodes = {f.name: f.stat().st_ino for f in out.iterdir()}
+    # a second build of the same contents, checked while it is half-way (after its first shard)
+    real_save, seen = cache_mod._write_cache, []
+
+    def spying_write(*args, **kwargs):
+        real_save(*args, **kwargs)
+        seen.append({f.name: f.stat().st_ino for f in out.iterdir()})
+
+    monkeypatch.setattr(cache_mod, "_write_cache", spying_write)
+    build_cache(cfg, adapter, batch_size=5, shard_rows=7)
+    assert seen == [inodes]  # the building run never touched the published cache
+    assert {f.name: f.stat().st_ino for f in out.iterdir()} == inodes  # same contents: the first stays
+    stream = CachedPairStream(str(out), index, cfg.data_opts)
+    assert len(stream.shards) == index["shards"] > 1
+    assert [p.name for p in out.parent.iterdir() if ".build-" in p.name] == []  # no staging left
+    # a build that dies leaves the published cache complete and no staging directory
+    monkeypatch.setattr(cache_mod, "_write_cache", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        build_cache(cfg, adapter, batch_size=5, shard_rows=7)
+    assert check_cache(cfg, adapter) == index
+    assert [p.name for p in out.parent.iterdir() if ".build-" in p.name] == []
+    # a rebuild with other shard sizes (a stale cache's case) replaces every file
+    monkeypatch.setattr(cache_mod, "_write_cache", real_save)
+    (out / "index.json").write_text(json.dumps({**index, "fingerprint": {**index["fingerprint"], "data_content": "old"}}))
+    build_cache(cfg, adapter, batch_size=5, shard_rows=1000)
+    new = check_cache(cfg, adapter)
+    assert new["shards"] == 1 and sorted(f.name for f in out.glob("shard-*")) == ["shard-00000.safetensors"]

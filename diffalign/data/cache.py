@@ -40,7 +40,9 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
@@ -280,16 +282,46 @@ def _check_cacheable(cfg) -> None:
 def build_cache(cfg, adapter, batch_size: int = 16, shard_rows: int = 4096, cache_dir: str | None = None) -> Path:
     """Encode every usable pair of ``cfg.data`` once into ``cache_dir`` (default
     ``data_opts.cache_dir``); returns the cache dir."""
-    from ..files import save_safetensors as save_file
-
     _check_cacheable(cfg)
     out = Path(cache_dir or cfg.data_opts.cache_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # build in a private directory beside the cache and publish when complete: two runs that
+    # build the same cache at once (the testbed job trains several methods on one pair set in
+    # parallel) must never see each other's half-written or deleted files
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
+    try:
+        _write_cache(cfg, adapter, work, batch_size, shard_rows)
+        _publish_cache(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _publish_cache(work: Path, out: Path) -> None:
+    """Move a complete cache from ``work`` into ``out`` file by file (each an atomic rename),
+    ``index.json`` last; the old index goes first, so a cache is never complete-looking with a
+    mix of files (old shards beyond the new count are removed). When another run has meanwhile
+    published a cache of the same fingerprint, that one stays untouched (it may be being read)."""
     out.mkdir(parents=True, exist_ok=True)
-    # drop the old index first: a rebuild that dies half-way must not leave a cache that
-    # looks complete (index.json is written last)
+    try:
+        if json.loads((out / "index.json").read_text())["fingerprint"] == json.loads((work / "index.json").read_text())["fingerprint"]:
+            return
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     (out / "index.json").unlink(missing_ok=True)
-    for old in [*out.glob("shard-*.safetensors"), out / "reference.safetensors", out / "captions.safetensors"]:
-        old.unlink(missing_ok=True)
+    new = {f.name for f in work.iterdir()}
+    for old in [*out.glob("shard-*.safetensors"), out / "reference.safetensors"]:
+        if old.name not in new:
+            old.unlink(missing_ok=True)
+    for name in sorted(new - {"index.json"}):
+        os.replace(work / name, out / name)
+    os.replace(work / "index.json", out / "index.json")
+
+
+def _write_cache(cfg, adapter, out: Path, batch_size: int, shard_rows: int) -> None:
+    """The cache files of :func:`build_cache`, into the empty directory ``out``."""
+    from ..files import save_safetensors as save_file
+
     fingerprint = cache_fingerprint(cfg, adapter)  # of the inputs as they are read now
     opts = cfg.data_opts
     dataset = load_preference_dataset(cfg.data, opts)
@@ -366,7 +398,6 @@ def build_cache(cfg, adapter, batch_size: int = 16, shard_rows: int = 4096, cach
     if _cached_reference(cfg):
         compute_reference_losses(cfg, adapter, out, index, batch_size)
     (out / "index.json").write_text(json.dumps(index))  # last: a cache without index.json is incomplete
-    return out
 
 
 def check_cache(cfg, adapter, announce: bool = True, cache_dir: str | None = None) -> dict | None:
