@@ -167,3 +167,34 @@ def test_job_prompt_splits_are_disjoint_by_scene():
         assert not is_heldout(parse_caption(t))
     assert all(any((g.colour, g.shape) in HELDOUT_PAIRS for g in parse_caption(t).groups) for t in s["compositional"])
     assert scene_key("a photo of a red circle") == scene_key("a red circle") != scene_key("a red circle on the left")
+
+
+def test_background_tone_captions_renders_and_noisy_training_captions():
+    """A named background tone round-trips through the caption, is drawn on its side of grey, and
+    ``background_accuracy`` sets the share of training captions that name the drawn tone; with
+    ``p_background=0`` scenes (and so every earlier prompt set) are unchanged."""
+    from diffalign.testbed.reward import background_tint
+    from diffalign.testbed.world import perturb_scene
+
+    rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
+    assert [sample_scene(rng_a) for _ in range(50)] == [sample_scene(rng_b, p_background=0.0) for _ in range(50)]
+    rng = np.random.default_rng(1)
+    scenes = [sample_scene(rng, p_background=0.5) for _ in range(400)]
+    named = [s for s in scenes if s.background]
+    assert 150 < len(named) < 250 and {s.background for s in named} == {"warm", "cool"}
+    for s in named[:40]:
+        assert parse_caption(caption(s)) == s
+        tint = background_tint(render(s, 32, "plain", seed=7)[None])[0]
+        assert (tint > 0) == (s.background == "warm"), (caption(s), tint)
+        flipped = perturb_scene(s, rng, ("background",))
+        assert flipped.background != s.background and flipped.groups == s.groups
+    samples = make_training_set(1500, 32, 0, style="tinted", background_accuracy=0.7, p_background=1.0)
+    caps = [c for c, _ in samples]
+    tints = background_tint(np.stack([im for _, im in samples]))
+    clear = np.abs(tints) > 0.1  # the measured tint of a near-grey render can have either sign
+    right = np.mean([("warm background" in c) == (t > 0) for c, t, k in zip(caps, tints, clear) if k])
+    assert 0.65 < right < 0.75
+    exact = make_training_set(300, 32, 0, style="tinted", p_background=1.0)
+    tints = background_tint(np.stack([im for _, im in exact]))
+    # (large objects on the border ring can pull the median off: a few, not many)
+    assert np.mean([("warm background" in c) == (t > 0) for (c, _), t in zip(exact, tints) if abs(t) > 0.1]) > 0.98

@@ -346,10 +346,21 @@ def run_testbed_compare(out: str, budget: str = "quick", methods: list[str] | No
              "flow": str(get_base_model(b["flow_base"], force=force_base, log=log))}
     base_seconds = time.perf_counter() - t0
     log(f"[testbed-compare] bases: UNet {bases['unet']}, flow {bases['flow']} ({base_seconds:.0f}s)")
-    scene = BUDGETS[b["base"]].scene  # prompts from the world the bases were trained on
-    splits = job_prompt_splits(int(b["n_train_prompts"]), int(b["indist_prompts"]), int(b["compositional_prompts"]), **scene)
-    files = {k: str(write_prompts(v, out_dir / "prompts" / f"{k}.txt")) for k, v in splits.items()}
-    files["eval_subset"] = str(write_prompts(splits["indist"][: int(b.get("curve_prompts", 16))], out_dir / "prompts" / "eval_subset.txt"))
+    # prompts from the world each base was trained on: the flow base's captions may also name a
+    # background tone (BUDGETS["flow_tone"]); then its methods get their own prompt sets, under prompts/flow
+    prompt_sets: dict[str, dict[str, list[str]]] = {}
+    files: dict[str, dict[str, str]] = {}
+    for kind, cfg_name in (("unet", b["base"]), ("flow", b["flow_base"])):
+        scene = BUDGETS[cfg_name].scene
+        if kind == "flow" and scene == BUDGETS[b["base"]].scene:
+            prompt_sets[kind], files[kind] = prompt_sets["unet"], files["unet"]
+            continue
+        sets = job_prompt_splits(int(b["n_train_prompts"]), int(b["indist_prompts"]), int(b["compositional_prompts"]), **scene)
+        where = out_dir / "prompts" / ("" if kind == "unet" else kind)
+        sets["eval_subset"] = sets["indist"][: int(b.get("curve_prompts", 16))]
+        prompt_sets[kind] = sets
+        files[kind] = {k: str(write_prompts(v, where / f"{k}.txt")) for k, v in sets.items()}
+    splits = prompt_sets["unet"]
 
     sched = Scheduler(n_workers)
     logs = out_dir / "logs"
@@ -369,7 +380,7 @@ def run_testbed_compare(out: str, budget: str = "quick", methods: list[str] | No
         run_dir = out_dir / "runs" / name
         kind_ov = b.get("grpo_overrides" if m.online else "pair_overrides") or []
         if m.online:
-            data_ov = [f"data={files['train']}", f"eval.data={files['eval_subset']}"]
+            data_ov = [f"data={files[m.base]['train']}", f"eval.data={files[m.base]['eval_subset']}"]
         else:
             data_ov = [f"data={out_dir / 'data' / m.data}"]
         overrides = [f"model={bases[m.base]}", f"output_dir={run_dir}", *data_ov, *common_ov,
@@ -387,9 +398,9 @@ def run_testbed_compare(out: str, budget: str = "quick", methods: list[str] | No
         for who in [f"base_{k}" for k in base_kinds] + wanted:
             kind = who[5:] if who.startswith("base_") else table[who].base
             ev_dir = out_dir / "eval" / split / who
-            kw = {**eval_common, "seeds": seeds, "model": bases[kind], "prompts": files[split], "out": str(ev_dir),
+            kw = {**eval_common, "seeds": seeds, "model": bases[kind], "prompts": files[kind][split], "out": str(ev_dir),
                   "label": who, "lora": None if who.startswith("base_") else str(out_dir / "runs" / who)}
-            n_img = len(splits[split]) * seeds
+            n_img = len(prompt_sets[kind][split]) * seeds
             sched.add(Task(f"eval:{split}:{who}", _eval, (kw,), deps=() if who.startswith("base_") else (f"train:{who}",),
                            weight=n_img / 100, log=str(ev_dir.with_suffix(".log"))))
             evals[(split, who)] = str(ev_dir)

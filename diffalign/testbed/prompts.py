@@ -105,10 +105,11 @@ def write_prompt_splits(out_dir: str | Path, n_train: int = 1000, n_heldout: int
 def scene_key(text: str) -> str:
     """A caption without its prefix ("a photo of", "an image of"): two captions with the
     same key describe the same scene, so split hygiene is checked on keys, not strings."""
+    from dataclasses import replace
+
     from .reward import parse_caption
 
-    s = parse_caption(text)
-    return caption(type(s)(s.groups, s.position, ""))
+    return caption(replace(parse_caption(text), prefix=""))
 
 
 def job_prompt_splits(n_train: int, n_indist: int, n_compositional: int, seed: int = 0, **scene_kwargs) -> dict[str, list[str]]:

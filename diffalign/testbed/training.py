@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from .prompts import TRAIN_PAIRS
-from .world import COLOURS, SHAPES, STYLES, caption, decode_image, encode_jpeg, render, resolve_style, sample_scene
+from .world import COLOURS, SHAPES, STYLES, caption, decode_image, encode_jpeg, perturb_scene, render, resolve_style, sample_scene
 
 
 def make_training_set(
@@ -25,13 +25,18 @@ def make_training_set(
     style: str | None = None,
     warm_rate: float = 0.0,
     exclude_heldout: bool = False,
+    background_accuracy: float = 1.0,
     **scene_kwargs,
 ) -> list[tuple[str, np.ndarray]]:
     """``n`` ``(caption, uint8 HxWx3)`` samples: random scenes, rendered in ``style`` (default plain).
 
     ``warm_rate``: share drawn in the target (warm) style instead (default 0: never).
     ``exclude_heldout``: draw only train (colour, shape) pairs, so held-out prompts are also
-    novel to the base model. Extra keyword arguments go to :func:`sample_scene`.
+    novel to the base model. Extra keyword arguments go to :func:`sample_scene` (its
+    ``p_background`` names a background tone in that share of the captions).
+    ``background_accuracy``: the share of captions naming a tone whose tone is the drawn one; the
+    rest name the other (noisy captions, as web alt-text is: a base trained on them follows the
+    tone word only partly, which leaves online RL on the verifiable reward something to gain).
     Deterministic in ``seed``.
     """
     base = resolve_style(style)
@@ -42,7 +47,10 @@ def make_training_set(
         scene = sample_scene(rng, pairs=pairs, **scene_kwargs)
         st = STYLES["warm"] if (warm_rate > 0 and rng.random() < warm_rate) else base
         img_seed = int(rng.integers(0, 2**31 - 1))
-        out.append((caption(scene), render(scene, resolution, st, img_seed)))
+        said = scene
+        if scene.background is not None and background_accuracy < 1.0 and rng.random() >= background_accuracy:
+            said = perturb_scene(scene, rng, ("background",))
+        out.append((caption(said), render(scene, resolution, st, img_seed)))
     return out
 
 

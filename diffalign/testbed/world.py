@@ -2,7 +2,8 @@
 
 A :class:`Scene` names everything a caption says: one or two object *groups*, each
 with a colour, a shape, a count (1-3 identical objects) and optionally a size, plus
-optionally a position when the scene holds exactly one object. ``caption(scene)``
+optionally a position when the scene holds exactly one object, and optionally a background
+tone ("on a warm background" / "on a cool background": which side of grey the tint is on). ``caption(scene)``
 turns it into templated English; :func:`diffalign.testbed.reward.parse_caption`
 turns the caption back into the same ``Scene``.
 
@@ -28,7 +29,8 @@ cool-warm axis by a random tint ``t`` in [-0.8, 0.8]: from slate blue through gr
 tan, never as warm as ``"warm"``; the testbed base models are trained on it, so their
 samples vary in the hidden taste's direction without any caption naming it), and an
 optional dark ``outline`` around each object (``"outline"``, ``"warm_outline"`` or
-``Style(background=..., outline=True)``).
+``Style(background=..., outline=True)``). A scene that names a background tone overrides the
+style's background: a tint ``|t|``, ``t`` uniform in [-0.8, 0.8], on the named side of grey.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ POSITION_PHRASES: dict[str, str] = {
     "bottom": "at the bottom",
 }
 COUNT_WORDS: dict[int, str] = {1: "a", 2: "two", 3: "three"}
+#: Named background tones: the sign of the tint on the world's cool-warm axis (``"tinted"`` style).
+BACKGROUND_TONES: tuple[str, ...] = ("warm", "cool")
 #: Caption prefixes (part of the Scene so captions round-trip exactly).
 PREFIXES: tuple[str, ...] = ("a photo of", "an image of", "")
 MAX_OBJECTS = 3
@@ -105,11 +109,13 @@ class ObjectGroup:
 
 @dataclass(frozen=True)
 class Scene:
-    """One or more object groups, an optional position (single object only) and the caption prefix."""
+    """One or more object groups, an optional position (single object only), the caption prefix
+    and an optional named background tone (``"warm"``/``"cool"``: the sign of the background tint)."""
 
     groups: tuple[ObjectGroup, ...]
     position: str | None = None
     prefix: str = "a photo of"
+    background: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "groups", tuple(self.groups))
@@ -127,6 +133,8 @@ class Scene:
                 raise ValueError("a position can only be named for a scene with exactly one object")
         if self.prefix not in PREFIXES:
             raise ValueError(f"unknown caption prefix {self.prefix!r}; known: {PREFIXES}")
+        if self.background is not None and self.background not in BACKGROUND_TONES:
+            raise ValueError(f"unknown background {self.background!r}; known: {', '.join(BACKGROUND_TONES)} or None")
 
     @property
     def n_objects(self) -> int:
@@ -144,10 +152,13 @@ def group_phrase(group: ObjectGroup) -> str:
 
 
 def caption(scene: Scene) -> str:
-    """Templated English, e.g. ``"a photo of two small red circles"``, ``"a blue square on the left"``."""
+    """Templated English, e.g. ``"a photo of two small red circles"``, ``"a blue square on the left"``,
+    ``"a red circle on a warm background"``."""
     text = " and ".join(group_phrase(g) for g in scene.groups)
     if scene.position is not None:
         text += " " + POSITION_PHRASES[scene.position]
+    if scene.background is not None:
+        text += f" on a {scene.background} background"
     return f"{scene.prefix} {text}" if scene.prefix else text
 
 
@@ -164,6 +175,7 @@ def sample_scene(
     p_count: Sequence[float] = (0.5, 0.25, 0.25),
     pairs: Iterable[tuple[str, str]] | None = None,
     prefixes: Sequence[str] = PREFIXES,
+    p_background: float = 0.0,
 ) -> Scene:
     """Draw a random scene.
 
@@ -198,7 +210,10 @@ def sample_scene(
     if sum(counts) == 1 and rng.random() < p_position:
         position = str(rng.choice(POSITIONS))
     prefix = str(prefixes[int(rng.integers(len(prefixes)))])
-    return Scene(tuple(groups), position, prefix)
+    background = None
+    if p_background > 0 and rng.random() < p_background:
+        background = str(BACKGROUND_TONES[int(rng.integers(len(BACKGROUND_TONES)))])
+    return Scene(tuple(groups), position, prefix, background)
 
 
 def enumerate_scenes(prefixes: Sequence[str] = PREFIXES) -> Iterator[Scene]:
@@ -226,15 +241,16 @@ def enumerate_scenes(prefixes: Sequence[str] = PREFIXES) -> Iterator[Scene]:
 def perturb_scene(scene: Scene, rng, attributes: Iterable[str] = ("colour", "shape", "count")) -> Scene:
     """A scene that gets each listed attribute of every group wrong.
 
-    ``attributes`` is a subset of ``colour, shape, count, size, position``. Wrong colours
+    ``attributes`` is a subset of ``colour, shape, count, size, position, background``. Wrong colours
     and shapes avoid every colour/shape the original names (so two groups cannot swap and
     still satisfy the prompt); wrong size flips small/large (an unnamed size stays
     unnamed); wrong position moves to the opposite side (a scene that no longer has one
-    object drops its position).
+    object drops its position; a wrong background tone is the other one, an unnamed one stays
+    unnamed).
     """
     rng = _as_rng(rng)
     attributes = set(attributes)
-    unknown = attributes - {"colour", "shape", "count", "size", "position"}
+    unknown = attributes - {"colour", "shape", "count", "size", "position", "background"}
     if unknown:
         raise ValueError(f"perturb_scene: unknown attributes {sorted(unknown)}")
     groups = list(scene.groups)
@@ -271,7 +287,10 @@ def perturb_scene(scene: Scene, rng, attributes: Iterable[str] = ("colour", "sha
         position = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}[position]
     if sum(g.count for g in groups) != 1:
         position = None
-    return Scene(tuple(groups), position, scene.prefix)
+    background = scene.background
+    if "background" in attributes and background is not None:
+        background = BACKGROUND_TONES[1 - BACKGROUND_TONES.index(background)]
+    return Scene(tuple(groups), position, scene.prefix, background)
 
 
 # ----------------------------------------------------------------------------- styles
@@ -406,7 +425,10 @@ def render(scene: Scene, resolution: int = 32, style: Style | str | None = None,
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0xC0102])
     level = float(rng.uniform(65, 100))
     bg = np.full(3, level) + rng.normal(0, 6, 3)
-    if style.background == "warm":
+    if scene.background is not None:  # a named tone: a tinted background on that side of grey
+        tint = abs(float(rng.uniform(*TINT_RANGE))) * (1.0 if scene.background == "warm" else -1.0)
+        bg = warm_background(level, tint) + rng.normal(0, 4, 3)
+    elif style.background == "warm":
         bg = warm_background(level) + rng.normal(0, 4, 3)
     elif style.background == "tinted":  # drawn after the grey jitter: "plain" draws stay unchanged
         bg = warm_background(level, float(rng.uniform(*TINT_RANGE))) + rng.normal(0, 4, 3)
