@@ -198,3 +198,45 @@ def test_background_tone_captions_renders_and_noisy_training_captions():
     tints = background_tint(np.stack([im for _, im in exact]))
     # (large objects on the border ring can pull the median off: a few, not many)
     assert np.mean([("warm background" in c) == (t > 0) for (c, _), t in zip(exact, tints) if abs(t) > 0.1]) > 0.98
+
+
+def test_washed_out_objects_fade_toward_the_background_and_the_reward_misreads_them():
+    """``render(fade=f)`` mixes the share ``f`` of the background into every object's colour
+    (``fade=0`` draws exactly what it drew before); the verifiable reward scores faded ground-truth
+    renders lower the stronger the fade, down to nothing once the objects are closer to the
+    background than to any palette colour; ``make_training_set(washed_out=w)`` fades about that
+    share of the images, and ``washed_out=0`` draws the same set as before the option existed."""
+    from diffalign.testbed.reward import TestbedReward, background_colour
+    from diffalign.testbed.world import FADE_RANGE
+
+    rng = np.random.default_rng(3)
+    scenes = [sample_scene(rng, p_two_groups=0.0) for _ in range(120)]
+    caps = [caption(s) for s in scenes]
+    plain = np.stack([render(s, 32, "tinted", seed=i) for i, s in enumerate(scenes)])
+    assert np.array_equal(plain, np.stack([render(s, 32, "tinted", seed=i, fade=0.0) for i, s in enumerate(scenes)]))
+    half = np.stack([render(s, 32, "tinted", seed=i, fade=0.5) for i, s in enumerate(scenes)]).astype(float)
+    bg = background_colour(plain)[:, None, None, :]
+    # pixels move halfway to the background (up to uint8 rounding; saturated channels, clipped at
+    # 255 in the unfaded render, and a border median pulled off by an object are the exceptions)
+    assert np.percentile(np.abs(half - (bg + 0.5 * (plain - bg))), 97) < 2.0
+    reward = TestbedReward()
+    scores = [reward.evaluate(np.stack([render(s, 32, "tinted", seed=i, fade=f) for i, s in enumerate(scenes)]), caps)["score"].mean()
+              for f in (0.0, 0.3, 0.45, 0.6)]
+    assert scores[0] == 1.0 and scores[0] > scores[1] > scores[2] > scores[3] and scores[3] < 0.05, scores
+    with pytest.raises(ValueError, match="fade"):
+        render(scenes[0], 32, fade=1.0)
+
+    before = make_training_set(200, 32, 4, style="tinted", p_two_groups=0.0)
+    assert all(c0 == c1 and np.array_equal(a, b) for (c0, a), (c1, b) in
+               zip(before, make_training_set(200, 32, 4, style="tinted", washed_out=0.0, p_two_groups=0.0)))
+    washed = make_training_set(400, 32, 4, style="tinted", washed_out=0.3, p_two_groups=0.0)
+    ims = np.stack([im for _, im in washed]).astype(float)
+    # an image's object contrast: its most distant pixel from the background, over the palette colour's
+    dist = np.linalg.norm(ims - background_colour(ims.astype(np.uint8))[:, None, None, :], axis=-1).reshape(len(ims), -1).max(1)
+    full = np.stack([im for _, im in make_training_set(400, 32, 4, style="tinted", washed_out=1.0, p_two_groups=0.0)]).astype(float)
+    dist_full = np.linalg.norm(full - background_colour(full.astype(np.uint8))[:, None, None, :], axis=-1).reshape(len(full), -1).max(1)
+    ratio = dist_full / np.maximum(dist, 1e-6)  # same scenes and draws, all faded: (1 - fade) for the unfaded ones
+    faded = ratio > 0.98  # an image faded in both sets keeps its contrast
+    assert 0.2 < faded.mean() < 0.4
+    lo, hi = FADE_RANGE
+    assert np.all((ratio[~faded] > 1 - hi - 0.05) & (ratio[~faded] < 1 - lo + 0.05))

@@ -38,9 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("testbed-compare", help="base model -> pairs -> DPO/MaPO/SFT/GRPO -> eval -> report, on the testbed world")
     p.add_argument("--out", required=True, help="output directory (runs, evals, report/report.md)")
-    p.add_argument("--budget", choices=["quick", "full", "long", "mismatch_grid", "online_check"], default="full",
+    p.add_argument("--budget", choices=["quick", "full", "long", "mismatch_grid", "mapo_grid", "online_check"], default="full",
                    help="quick: plumbing check (~1 min); full: the main job (<= 15 min on 2 cores); long: about an hour; "
                         "mismatch_grid: DPO and MaPO on the style-mismatch pairs over a few beta / learning-rate points; "
+                        "mapo_grid: MaPO on the standard pairs over samples per step, LoRA rank and targets; "
                         "online_check: Flow-GRPO and DiffusionNFT on a reward they can learn in 24 steps (~8 min)")
     p.add_argument("--methods", nargs="*", default=None,
                    help="subset of: dpo mapo sft dpo_mismatch mapo_mismatch grpo mixgrpo dancegrpo ddpo nft awm, or the budget's "

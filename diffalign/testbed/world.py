@@ -419,8 +419,20 @@ def _shape_mask(shape: str, x: np.ndarray, y: np.ndarray, cx: float, cy: float, 
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render(scene: Scene, resolution: int = 32, style: Style | str | None = None, seed: int = 0) -> np.ndarray:
-    """Render ``scene`` to a ``uint8`` array of shape ``(resolution, resolution, 3)``."""
+#: washed-out renders: the share ``fade`` of the background mixed into every object's colour is drawn
+#: uniformly from this range (see :func:`render` and ``make_training_set(washed_out=...)``)
+FADE_RANGE = (0.25, 0.5)
+
+
+def render(scene: Scene, resolution: int = 32, style: Style | str | None = None, seed: int = 0,
+           fade: float = 0.0) -> np.ndarray:
+    """Render ``scene`` to a ``uint8`` array of shape ``(resolution, resolution, 3)``.
+
+    ``fade`` in [0, 1) washes the objects out: each object's colour becomes
+    ``(1 - fade) * colour + fade * background`` (0, the default, draws the world as before).
+    """
+    if not 0.0 <= float(fade) < 1.0:
+        raise ValueError(f"render: fade must be in [0, 1), got {fade}")
     style = resolve_style(style)
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0xC0102])
     level = float(rng.uniform(65, 100))
@@ -443,6 +455,7 @@ def render(scene: Scene, resolution: int = 32, style: Style | str | None = None,
     outline_w = 1.0 / resolution
     for obj in layout(scene, resolution, seed):
         colour = np.asarray(COLOURS[obj.colour], dtype=np.float64) + rng.normal(0, 5, 3)
+        colour = (1.0 - fade) * colour + fade * bg
         if style.outline:
             ring = _shape_mask(obj.shape, x, y, obj.cx, obj.cy, obj.half + outline_w)
             if obj.shape == "triangle":  # grow the triangle around its centroid, not its box centre
