@@ -13,6 +13,8 @@ def test_budgets_and_configs_load():
     from diffalign.eval.testbed_job import CONFIG_DIR, METHODS, budget_methods, load_budget
     from diffalign.testbed.base_model import BUDGETS
 
+    import argparse
+
     import yaml
 
     from diffalign.cli import build_parser
@@ -20,7 +22,7 @@ def test_budgets_and_configs_load():
     names = list(yaml.safe_load((CONFIG_DIR / "job.yaml").read_text()))
     assert {"quick", "full", "long", "mismatch_grid", "mapo_grid", "online_check"} <= set(names)
     # every budget of job.yaml is a --budget choice of the command (and nothing else is)
-    sub = next(a for a in build_parser()._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     budget_arg = next(a for a in sub.choices["testbed-compare"]._actions if a.dest == "budget")
     assert sorted(budget_arg.choices) == sorted(names)
     for budget in names:
