@@ -100,7 +100,7 @@ class BaseTrainConfig:
     ``seed`` are the public contract of ``diffalign train``."""
 
     method: str = "dpo"
-    model: str = "runwayml/stable-diffusion-v1-5"
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     data: str | None = None
     output_dir: str = "outputs/run"
     max_steps: int = 1000

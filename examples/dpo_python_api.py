@@ -12,7 +12,7 @@ from diffalign.models.tiny import build_sd15
 from diffalign.trainers import train
 
 root = Path(tempfile.mkdtemp())
-model = build_sd15(root / "model")  # or "runwayml/stable-diffusion-v1-5" on a GPU machine
+model = build_sd15(root / "model")  # or "stable-diffusion-v1-5/stable-diffusion-v1-5" on a GPU machine
 data = write_toy_pickapic(root / "data", n=32, size=32).parent  # or "yuvalkirstain/pickapic_v2"
 cfg = load_config(
     "tiny/dpo.yaml",  # a packaged config (diffalign recipes lists them), or your own YAML file, or a recipe name

@@ -9,26 +9,29 @@ import torch
 
 
 def test_budgets_and_configs_load():
-    from diffalign.config import load_config
-    from diffalign.eval.testbed_job import CONFIG_DIR, METHODS, budget_methods, load_budget
-    from diffalign.testbed.base_model import BUDGETS
-
     import argparse
 
-    import yaml
-
     from diffalign.cli import build_parser
+    from diffalign.config import load_config
+    from diffalign.testbed.base_model import BUDGETS
+    from diffalign.testbed.job import CONFIG_DIR, METHODS, REWARD_MODEL, budget_methods, budget_names, load_budget, read_budgets
 
-    names = list(yaml.safe_load((CONFIG_DIR / "job.yaml").read_text()))
-    assert {"quick", "full", "long", "mismatch_grid", "mapo_grid", "online_check"} <= set(names)
+    names = budget_names()
+    assert names == ["quick", "full", "long"]
     # every budget of job.yaml is a --budget choice of the command (and nothing else is)
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     budget_arg = next(a for a in sub.choices["testbed-compare"]._actions if a.dest == "budget")
     assert sorted(budget_arg.choices) == sorted(names)
+    # one defaults block: a budget that does not set a key gets the default's value
+    import yaml
+
+    raw = yaml.safe_load((CONFIG_DIR / "job.yaml").read_text())
+    assert "n_pairs" not in raw["full"] and read_budgets()["full"]["n_pairs"] == raw["defaults"]["n_pairs"]
+    assert raw["long"]["n_pairs"] != raw["defaults"]["n_pairs"] and read_budgets()["long"]["n_pairs"] == raw["long"]["n_pairs"]
     for budget in names:
         b = load_budget(budget)
         assert {"base", "flow_base", "n_pairs", "methods", "pair_overrides", "grpo_overrides", "indist_prompts",
-                "compositional_prompts", "indist_seeds", "compositional_seeds"} <= set(b)
+                "compositional_prompts", "indist_seeds", "compositional_seeds", "reward_model", "seconds"} <= set(b)
         assert BUDGETS[b["base"]].family == "sd15" and BUDGETS[b["flow_base"]].family == "sd3"
         table, extra = budget_methods(b, budget)
         assert set(b["methods"]) <= set(table)
@@ -37,21 +40,65 @@ def test_budgets_and_configs_load():
             ov = ["model=M", "data=D", *b["grpo_overrides" if m.online else "pair_overrides"],
                   *b.get("method_overrides", {}).get(name, []), *extra.get(name, [])]
             cfg = load_config(CONFIG_DIR / m.config, ov)
-            kind = (b.get("variants") or {}).get(name, {}).get("of", name)
-            assert cfg.method == {"dpo_mismatch": "dpo", "mapo_mismatch": "mapo", "mixgrpo": "grpo", "ddpo": "grpo",
-                                  "dancegrpo": "grpo"}.get(kind, kind)
+            assert cfg.method == ("grpo" if m.config in ("grpo.yaml", "mixgrpo.yaml", "dancegrpo.yaml", "branchgrpo.yaml")
+                                  else m.config.removesuffix(".yaml"))
     assert load_config(CONFIG_DIR / "mixgrpo.yaml", ["model=M"]).schedule.kind == "window"
+    assert load_config(CONFIG_DIR / "branchgrpo.yaml", ["model=M"]).schedule.kind == "tree"
     assert load_budget("quick").get("plumbing") and not load_budget("full").get("plumbing")
-    # the diagnostic variants train on the warmth taste and are judged on it
-    table, extra = budget_methods(load_budget("online_check"), "online_check")
-    assert table["nft_warmth"].target == "testbed_style" and METHODS["nft"].target == "testbed"
-    assert load_config(CONFIG_DIR / "nft.yaml", ["model=M", *extra["nft_warmth"]]).rewards[0].args == {
-        "faithfulness_weight": 0.0, "aesthetic_weight": 1.0}
+    # the main job judges every row on the hidden taste; the online rows train on it, grpo_rm on a reward model
+    full = load_budget("full")["methods"]
+    assert {"dpo", "grpo", "mixgrpo", "nft", "grpo_rm"} <= set(full)
+    assert all(METHODS[m].target == "testbed_style" for m in full)
+    assert METHODS["grpo"].reward == "testbed_style" and METHODS["grpo_rm"].reward == REWARD_MODEL
+    # the faithfulness-only rows run in `long`, judged on faithfulness, with AWM, DanceGRPO and BranchGRPO in the race
+    long = load_budget("long")["methods"]
+    assert {"grpo_faith", "nft_faith", "awm", "dancegrpo", "branchgrpo"} <= set(long)
+    assert not any(m.endswith("_faith") for m in full)
+    assert METHODS["grpo_faith"].target == METHODS["grpo_faith"].reward == "testbed"
+
+
+def test_online_rows_train_on_their_reward_and_watch_both(tmp_path):
+    from diffalign.config import load_config
+    from diffalign.testbed.job import CONFIG_DIR, METHODS, online_reward_overrides
+
+    cfg = load_config(CONFIG_DIR / "grpo.yaml", ["model=M", *online_reward_overrides(METHODS["grpo"], None)])
+    assert [r.name for r in cfg.rewards] == ["testbed_style"] and cfg.eval.at_start
+    assert [r.name for r in cfg.eval.rewards] == ["testbed_style", "testbed"]
+    rm = tmp_path / "rm model"
+    cfg = load_config(CONFIG_DIR / "grpo.yaml", ["model=M", *online_reward_overrides(METHODS["grpo_rm"], rm)])
+    assert [r.name for r in cfg.rewards] == [f"pickscore={rm}"]
+    cfg = load_config(CONFIG_DIR / "nft.yaml", ["model=M", *online_reward_overrides(METHODS["nft_faith"], None)])
+    assert [r.name for r in cfg.rewards] == ["testbed"]
+    with pytest.raises(ValueError, match="reward model"):
+        online_reward_overrides(METHODS["grpo_rm"], None)
+
+
+def test_reward_model_pairs_are_split_by_prompt_and_never_from_eval_prompts(tmp_path):
+    """Split hygiene of the RLHF row: the reward model's pairs come from the train prompts only, and
+    its validation prompts are prompts it never trained on."""
+    import pyarrow.parquet as pq
+
+    from diffalign.testbed import make_pairs, world_sampler
+    from diffalign.testbed.job import split_reward_model_pairs
+    from diffalign.testbed.prompts import job_prompt_splits, scene_key
+
+    splits = job_prompt_splits(40, 16, 8, n_curve=8)
+    make_pairs(world_sampler(), splits["train"], 60, seed=0, out_path=tmp_path / "pairs" / "train-0.parquet")
+    counts = split_reward_model_pairs(tmp_path / "pairs", tmp_path / "rm", val_fraction=0.3)
+    train = pq.read_table(tmp_path / "rm" / "train.parquet").column("caption").to_pylist()
+    val = pq.read_table(tmp_path / "rm" / "val.parquet").column("caption").to_pylist()
+    assert counts == {"train": len(train), "val": len(val)} and len(train) + len(val) == 60 and val
+    assert not set(train) & set(val)
+    held = {scene_key(p) for k in ("indist", "curve") for p in splits[k]}
+    assert not {scene_key(p) for p in train + val} & held
+    # the fixed eval subset of the online curves is disjoint from every other prompt set
+    assert not {scene_key(p) for p in splits["curve"]} & {scene_key(p) for p in splits["train"] + splits["indist"]}
+    assert job_prompt_splits(40, 16, 8)["train"] == splits["train"]  # adding the curve set changes nothing else
 
 
 def test_bad_variant_is_one_clear_error():
     from diffalign.errors import UserError
-    from diffalign.eval.testbed_job import budget_methods
+    from diffalign.testbed.job import budget_methods
 
     with pytest.raises(UserError, match="variant 'v' needs 'of"):
         budget_methods({"variants": {"v": {"of": "nope"}}}, "b")
@@ -60,7 +107,7 @@ def test_bad_variant_is_one_clear_error():
 
 
 def test_caching_sampler_samples_once():
-    from diffalign.eval.testbed_job import CachingSampler
+    from diffalign.testbed.job import CachingSampler
 
     calls = []
 
@@ -143,7 +190,7 @@ def test_flow_base_trainer_loads_through_the_sd3_adapter(tmp_path):
 def test_testbed_compare_quick_budget(tmp_path):
     """The whole job on the quick budget (the shipped bases): every method trains and is
     evaluated on both splits; the report says it is a plumbing run and has its sections."""
-    from diffalign.eval.testbed_job import load_budget, run_testbed_compare
+    from diffalign.testbed.job import load_budget, run_testbed_compare
 
     res = run_testbed_compare(str(tmp_path / "tb"), budget="quick", workers=2, log=lambda s: None)
     methods = load_budget("quick")["methods"]
@@ -152,11 +199,54 @@ def test_testbed_compare_quick_budget(tmp_path):
     report = tmp_path / "tb" / "report"
     text = (report / "report.md").read_text()
     assert text.splitlines()[0].startswith("**This is a plumbing run")
-    for col in ("target minus base, paired [95% CI]", "compositional: target minus base", "train time (s)"):
+    for col in ("target minus base, paired [95% CI]", "compositional: target minus base", "train time (s)",
+                "labels / reward calls", "effect / half-width"):
         assert col in text
     assert "dpo minus sft" in text and "train-reward slope per step" in text
-    for f in ("report.html", "online_curves.png", "headline.json"):
+    for f in ("report.html", "online_curves.png", "headline.json", "race.png", "overoptimisation.png"):
         assert (report / f).is_file(), f
+    # labels and reward calls: 16 labelled pairs for the pair rows and the RLHF row, 2 steps x 4 samples online
+    consumed = {r["method"]: r["consumed"] for r in res["headline"]}
+    assert consumed["dpo"] == "16 labels" and consumed["grpo"] == "8 testbed_style calls"
+    assert consumed["grpo_rm"] == "16 labels; 8 learned-reward calls"
+    # the efficiency race: every online row on the taste, with a step-0 evaluation as the origin
+    race = {r["method"]: r for r in res["race"]}
+    assert set(race) == {"grpo", "mixgrpo", "nft", "grpo_rm"}
+    assert "## The efficiency race" in text and "seconds to half the best final gain" in text
+    # the reward model of the RLHF row trained on the job's pairs and is reported with its held-out accuracy
+    rm = json.loads((tmp_path / "tb" / "reward_model" / "reward_model.json").read_text())
+    assert rm["train_pairs"] + rm["val_pairs"] == 16 and 0.0 <= rm["val_accuracy"] <= 1.0
+    assert "## RLHF: the reward model and over-optimisation" in text and f"{rm['val_accuracy']:.3f}" in text
+    # the HTML page is rendered from the Markdown: one table row per method in the headline table
+    from html.parser import HTMLParser
+
+    class Tables(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tables, self.cell = [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "table":
+                self.tables.append([])
+            elif tag == "tr":
+                self.tables[-1].append([])
+            elif tag in ("td", "th"):
+                self.cell = ""
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th"):
+                self.tables[-1][-1].append(self.cell.strip())
+                self.cell = None
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+
+    page = Tables()
+    page.feed((report / "report.html").read_text())
+    headline_rows = page.tables[0]
+    assert headline_rows[0][0] == "method" and [r[0] for r in headline_rows[1:]] == methods
+    assert all("`" not in c and "---" not in c for row in headline_rows for c in row)
     for kind in ("unet", "flow"):  # one detailed compare report per base and split
         for split in ("indist", "compositional"):
             assert (report / f"{kind}_{split}" / "report.md").is_file()
@@ -171,7 +261,7 @@ def test_testbed_compare_quick_budget(tmp_path):
 
 def test_unknown_method_is_rejected_before_any_work(tmp_path):
     from diffalign.errors import UserError
-    from diffalign.eval.testbed_job import run_testbed_compare
+    from diffalign.testbed.job import run_testbed_compare
 
     with pytest.raises(UserError, match="unknown foo"):
         run_testbed_compare(str(tmp_path / "tb"), budget="quick", methods=["dpo", "foo"], log=lambda s: None)
@@ -181,7 +271,7 @@ def test_unknown_method_is_rejected_before_any_work(tmp_path):
 def test_ols_slope_matches_closed_form():
     import numpy as np
 
-    from diffalign.eval.report import ols_slope
+    from diffalign.testbed.report import ols_slope
     from diffalign.eval.summary import t_quantile_975
 
     rng = np.random.default_rng(0)
@@ -232,11 +322,11 @@ def test_workers_stop_when_the_job_process_is_killed(tmp_path):
     script.write_text(
         "import os, time, multiprocessing as mp\n"
         "from concurrent.futures import ProcessPoolExecutor\n"
-        "from diffalign.eval.testbed_job import _init_worker\n"
+        "from diffalign.testbed.runner import init_worker\n"
         "def work():\n"
         "    print(os.getpid(), flush=True); time.sleep(120)\n"
         "if __name__ == '__main__':\n"
-        "    with ProcessPoolExecutor(1, mp_context=mp.get_context('spawn'), initializer=_init_worker) as pool:\n"
+        "    with ProcessPoolExecutor(1, mp_context=mp.get_context('spawn'), initializer=init_worker) as pool:\n"
         "        pool.submit(work).result()\n")
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     worker = int(proc.stdout.readline())

@@ -76,7 +76,7 @@ def test_variant_configs_run(tiny, tmp_path, config, kind):
         assert [r["window_start"] for r in rows] == [0, 1]
         assert [r["stochastic_steps"] for r in rows] == [2, 1]  # MixGRPO: cut at num_steps - 2 = 2 at the end of the sweep
     if config == "mixgrpo_flash.yaml":
-        # window [0, 2) of 6 steps, then int(4 * 0.4) - 1 -> 1 post-window ODE step: 3 forwards of 8 rows, not 6
+        # window [0, 2) of 6 steps, then int((6 - 1) * 0.4) = 2 points, 1 post-window ODE step: 3 forwards of 8 rows
         assert rows[0]["model_rows"] == 8 * 3
     if config == "branchgrpo.yaml":
         # 2 roots -> 4 -> 8 leaves over 5 steps: one forward per node (2 + 4 + 3 * 8 rows; copies first: 4 + 8 + 24)
@@ -182,6 +182,40 @@ def test_per_rank_generators_differ_and_shared_noise_is_shared():
 def test_impossible_configs_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("[", r"\[")):
         load_config(CONFIGS / "grpo.yaml", ["model=m", *overrides])
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["eval.keep_best=pickscore"], "eval.keep_best"),  # not a reward of the run
+    (["eval.keep_best=redness", "lora.rank=0"], "eval.keep_best"),
+    (["eval.keep_best=redness", "eval.every=-1"], "eval.keep_best"),
+])
+def test_keep_best_needs_a_reward_evaluations_and_a_lora(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(CONFIGS / "grpo.yaml", ["model=m", "rewards=[{name: redness}]", *overrides])
+
+
+def test_eval_at_start_and_keep_best(tiny, tmp_path):
+    """``eval.at_start`` logs the starting weights as step 0; ``eval.keep_best`` keeps the weights of the
+    evaluation with the highest watched reward, which load into the pipeline like the final LoRA."""
+    from safetensors.torch import load_file
+
+    args = (*SMALL, "max_steps=3", "eval.every=1", "eval.at_start=true", "rewards=[{name: redness}]",
+            "eval.rewards=[{name: blueness}]", "eval.keep_best=blueness", "optim.learning_rate=3e-2")
+    _, rows = run(tiny("sd3"), tmp_path / "a", "grpo.yaml", *args)
+    evals = [(r["step"], r["eval_reward/blueness"]) for r in rows if "eval_reward/blueness" in r]
+    assert [s for s, _ in evals] == [0, 1, 2, 3] and rows[0]["step"] == 0 and "reward_mean" not in rows[0]
+    best = json.loads((tmp_path / "a" / "best" / "best.json").read_text())
+    step, value = max(evals, key=lambda e: e[1])  # the first of equal values: a later one must be strictly higher
+    assert best == {"step": step, "reward": "blueness", "value": pytest.approx(value)}
+    kept = load_file(tmp_path / "a" / "best" / "pytorch_lora_weights.safetensors")
+    final = load_file(tmp_path / "a" / "pytorch_lora_weights.safetensors")
+    assert kept.keys() == final.keys()
+    same = all(torch.equal(kept[k], final[k]) for k in kept)
+    assert same == (step == 3)  # the final weights only when the last evaluation was the best
+    # a fresh run into the same directory does not inherit an earlier run's best (here a planted, unbeatable one)
+    (tmp_path / "a" / "best" / "best.json").write_text(json.dumps({"step": 99, "reward": "blueness", "value": 1e9}))
+    _, rows = run(tiny("sd3"), tmp_path / "a", "grpo.yaml", *args, "overwrite=true")
+    assert json.loads((tmp_path / "a" / "best" / "best.json").read_text())["step"] <= 3
 
 
 def test_zero_noise_tree_branch_is_rejected(tiny, tmp_path):

@@ -26,7 +26,8 @@ LAYERS: list[set[str]] = [
     {"diffalign.models", "diffalign.losses", "diffalign.pipelines"},
     {"diffalign.data", "diffalign.rewards"},
     {"diffalign.trainers"},
-    {"diffalign.eval", "diffalign.testbed"},
+    {"diffalign.eval"},
+    {"diffalign.testbed"},  # the testbed job evaluates through eval; eval never imports the testbed
     {"diffalign.commands", "diffalign.cli", "diffalign.__main__"},
 ]
 

@@ -354,7 +354,7 @@ class _ToyFlowModel:
 
 
 def test_mixgrpo_flash_shortens_the_post_window_ode_and_carries_dpm_history():
-    """Window [0, 2) of 10 steps, ratio 0.4: MixGRPO puts int(8 * 0.4) = 3 sigma points after the window (2 ODE steps),
+    """Window [0, 2) of 10 steps, ratio 0.4: MixGRPO puts int((10 - 1) * 0.4) = 3 sigma points after the window (2 steps),
     and its DPM-Solver++(2M) state holds the x0 of the window's last SDE step, so the first post step is 2nd order.
     Written out here: Flow-SDE steps, then x_next = (s_n/s) x - a_n (e^-h - 1) D, D = x0 + (x0 - x0_prev) / (2 r)."""
     from diffalign.pipelines import post_window_compressed, rollout

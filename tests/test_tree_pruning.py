@@ -143,3 +143,57 @@ def test_trainer_prunes_after_computing_tree_advantages():
     # after pruning_fraction of the run nothing is pruned
     cfg.max_steps, cfg.schedule.tree.pruning_fraction = 10, 0.5
     assert GRPORecipe.advantages(fake, rolled, 6).selected.numel() == ro.num_transitions
+
+
+def _depth_first_transitions(tr, roots: torch.Tensor) -> list[int]:
+    """The order of BranchGRPO's training_samples (``collect_all_transitions``), rebuilt from the latents alone: tree
+    by tree (roots in prompt order), each node's edges to its children in creation order, every edge followed at
+    once by its child's subtree. An edge's children are the next step's transitions that start from its latent."""
+    n = tr["step"].shape[0]
+
+    def starting_from(latent, step):
+        return [j for j in range(n) if int(tr["step"][j]) == step and torch.equal(tr["x"][j], latent)]
+
+    order: list[int] = []
+
+    def visit(i):
+        order.append(i)
+        for j in starting_from(tr["x_next"][i], int(tr["step"][i]) + 1):
+            visit(j)
+
+    for r in range(roots.shape[0]):
+        for j in starting_from(roots[r], 0):
+            visit(j)
+    assert sorted(order) == list(range(n))
+    return order
+
+
+def _reference_best_worst(tr, advantage, ordered: list[int], ratio: float) -> set[int]:
+    """BranchGRPO's --width_pruning_mode 2 on its sample list: Python's stable sort by advantage (descending) of the
+    last-layer samples in list order; the first keep // 2 and the last keep - keep // 2."""
+    last_split = max(BRANCH_STEPS)
+    other = [i for i in ordered if int(tr["step"][i]) <= last_split]
+    last_layer = [i for i in ordered if int(tr["step"][i]) > last_split]
+    ranked = sorted(last_layer, key=lambda i: float(advantage[i]), reverse=True)
+    keep = max(2, int(len(ranked) * ratio))
+    return set(other + ranked[:keep // 2] + ranked[-(keep - keep // 2):])
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.3])
+def test_best_worst_breaks_ties_in_the_references_depth_first_order(ratio):
+    """Binary rewards tie whole chains: the kept transitions among equal advantages are those that come first (best)
+    or last (worst) chain by chain, depth-first, as in the reference, not step by step."""
+    roots = 3
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(roots, 4, 4, 4, generator=g)
+    ro = rollout(_ToyFlowModel(), _table(), tree_plan(STEPS, BRANCH_STEPS, 2, split_noise_scale=4.0),
+                 make_step_kind("flow_sde"), noise, torch.arange(roots), g)
+    tr = ro.transitions
+    rewards = torch.tensor([1., 1., 0., 1., 0., 0., 1., 0., 1., 1., 1., 0.])  # 4 leaves per prompt
+    adv = _advantages(ro, rewards)
+    keep = tree_pruning_mask(tr["step"], tr["depth"], tr["node"], adv, max(BRANCH_STEPS), [], "best_worst", ratio)
+    got = set(torch.nonzero(keep).flatten().tolist())
+    depth_first = _depth_first_transitions(tr, noise)
+    assert got == _reference_best_worst(tr, adv, depth_first, ratio)
+    # the tie order matters here: step-by-step (sampling) order keeps other transitions
+    assert got != _reference_best_worst(tr, adv, list(range(ro.num_transitions)), ratio)

@@ -17,7 +17,7 @@ def cmd_testbed_base(args) -> int:
 
 
 def cmd_testbed_compare(args) -> int:
-    from ..eval.testbed_job import run_testbed_compare
+    from ..testbed.job import run_testbed_compare
 
     res = run_testbed_compare(args.out, budget=args.budget, methods=args.methods, force_base=args.force_base,
                               seed=args.seed, workers=args.workers)
@@ -38,14 +38,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("testbed-compare", help="base model -> pairs -> DPO/MaPO/SFT/GRPO -> eval -> report, on the testbed world")
     p.add_argument("--out", required=True, help="output directory (runs, evals, report/report.md)")
-    p.add_argument("--budget", choices=["quick", "full", "long", "mismatch_grid", "mapo_grid", "online_check"], default="full",
-                   help="quick: plumbing check (~1 min); full: the main job (<= 15 min on 2 cores); long: about an hour; "
-                        "mismatch_grid: DPO and MaPO on the style-mismatch pairs over a few beta / learning-rate points; "
-                        "mapo_grid: MaPO on the standard pairs over samples per step, LoRA rank and targets; "
-                        "online_check: Flow-GRPO and DiffusionNFT on a reward they can learn in 24 steps (~8 min)")
+    from ..testbed.job import budget_names
+
+    p.add_argument("--budget", choices=budget_names(), default="full",
+                   help="quick: plumbing check (~1 min); full: the main job (<= 15 min on 2 cores); long: about an hour "
+                        "(AWM, DanceGRPO, BranchGRPO and DDPO in the race, the faithfulness-only rows) "
+                        "(diffalign/testbed/configs/job.yaml)")
     p.add_argument("--methods", nargs="*", default=None,
-                   help="subset of: dpo mapo sft dpo_mismatch mapo_mismatch grpo mixgrpo dancegrpo ddpo nft awm, or the budget's "
-                        "variants (default: the budget's list)")
+                   help="subset of: dpo mapo sft dpo_mismatch mapo_mismatch grpo mixgrpo dancegrpo ddpo nft awm grpo_rm grpo_faith "
+                        "mixgrpo_faith nft_faith, or the budget's variants (default: the budget's list)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pairs, every training run and the eval noise (default 0)")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes, one torch thread each (default: one per core, at most 4)")

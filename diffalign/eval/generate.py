@@ -16,6 +16,7 @@ import csv
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -34,7 +35,22 @@ NAMED_PROMPT_SETS: dict[str, tuple[str, str, str]] = {
     "hpsv2": ("ymhao/HPDv2", "test", "prompt"),
     "geneval": ("fal/geneval", "train", "prompt"),
 }
-TESTBED_PROMPT_SETS = ("testbed_heldout", "testbed_train")
+# prompt sets a higher layer generates (the testbed's ``testbed_heldout`` / ``testbed_train``):
+# name -> function of the count; registered through the ``diffalign.rewards`` entry points, so
+# this layer never imports the testbed
+_GENERATED_PROMPT_SETS: dict[str, Callable[[int], list[str]]] = {}
+
+
+def register_prompt_set(name: str, make: Callable[[int], list[str]]) -> None:
+    """Make ``--prompts NAME[:N]`` resolve to ``make(N)`` (N defaults to 64)."""
+    _GENERATED_PROMPT_SETS[name] = make
+
+
+def generated_prompt_sets() -> dict[str, Callable[[int], list[str]]]:
+    from ..rewards.registry import load_plugins
+
+    load_plugins()
+    return dict(_GENERATED_PROMPT_SETS)
 
 
 def image_seed(prompt_idx: int, i: int, base_seed: int = 0) -> int:
@@ -55,17 +71,14 @@ def resolve_prompts(spec: str, limit: int | None = None) -> list[str]:
             raise UserError(f"--prompts {spec}: use a .txt (one prompt a line), .json, .jsonl ({{\"prompt\": ...}} a line) "
                             "or .csv (a prompt column) file")
         prompts = read_prompts(path)
-    elif name in TESTBED_PROMPT_SETS:
-        from ..testbed import heldout_prompts, train_prompts
-
-        k = n or limit or 64
-        prompts = heldout_prompts(k) if name == "testbed_heldout" else train_prompts(k)
     elif name in NAMED_PROMPT_SETS:
         prompts = _load_named(name)
+    elif name in (generated := generated_prompt_sets()):
+        prompts = generated[name](n or limit or 64)
     else:
         raise UserError(
             f"--prompts {spec!r}: no such file, and not a named set "
-            f"({', '.join([*NAMED_PROMPT_SETS, *TESTBED_PROMPT_SETS])})"
+            f"({', '.join([*NAMED_PROMPT_SETS, *generated])})"
         )
     if n is not None:
         prompts = prompts[:n]

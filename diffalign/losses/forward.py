@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import torch
 
+from .grpo import grpo_clip_loss
+
 AWM_WEIGHTINGS = ("uniform", "t", "t2", "huber", "ghuber")
+AWM_LOSS_TYPES = ("exp_first", "sum_first")
+KL_EMA_DECAY_TYPES = ("linear", "constant")
 
 
 def _per_sample_mean(x: torch.Tensor) -> torch.Tensor:
@@ -137,10 +141,74 @@ def awm_log_prob(
     return out.float()
 
 
+def awm_policy_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_range: float,
+    loss_type: str = "exp_first",
+    samples: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """AWM's clipped policy objective over training rows (one row = one clean sample re-noised at
+    one timestep; ``log_prob`` from :func:`awm_log_prob`), in the release's two ``loss_type``\ s
+    (Xue et al., 2025, arXiv:2509.25050; ``scxue/advantage_weighted_matching``,
+    ``scripts/train_sd3_awm.py``)::
+
+        exp_first:  r_i = exp(lp_i - old_i)                     per row i
+                    L   = mean_i max(-A_i r_i, -A_i clip(r_i, 1 - eps, 1 + eps))
+        sum_first:  r_s = exp(mean_{i in s} lp_i - mean_{i in s} old_i)   per sample s
+                    L   = mean_s max(-A_s r_s, -A_s clip(r_s, 1 - eps, 1 + eps))
+
+    ``sum_first`` averages each sample's log-likelihood over its training timesteps *before* the
+    ratio (one ratio per clean sample, the sample's rows identified by ``samples`` [R]; every row of
+    a sample must be in the batch); ``exp_first`` takes one ratio per row. On-policy (``lp = old``,
+    one update per rollout) the two have the same value and gradient; they differ in what is
+    clipped off-policy. ``A`` is the sample's advantage, repeated on its rows. Returns
+    ``(loss, metrics)`` as :func:`~diffalign.losses.grpo.grpo_clip_loss` (computed per sample for
+    ``sum_first``).
+    """
+    if loss_type == "exp_first":
+        return grpo_clip_loss(log_prob, old_log_prob, advantages, clip_range)
+    if loss_type != "sum_first":
+        raise ValueError(f"loss_type must be one of {AWM_LOSS_TYPES}, got {loss_type!r}")
+    if samples is None:
+        raise ValueError("sum_first needs the sample index of every row")
+    ids, inverse = torch.unique(samples, return_inverse=True)
+    count = torch.zeros(ids.shape[0], dtype=log_prob.dtype, device=log_prob.device).index_add_(
+        0, inverse, torch.ones_like(log_prob))
+
+    def per_sample_mean(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(log_prob.dtype)
+        return torch.zeros(ids.shape[0], dtype=x.dtype, device=x.device).index_add(0, inverse, x) / count
+
+    return grpo_clip_loss(per_sample_mean(log_prob), per_sample_mean(old_log_prob), per_sample_mean(advantages),
+                          clip_range)
+
+
+def kl_ema_decay(step: int, cap: float, kind: str = "linear", rate: float = 0.001) -> float:
+    """Decay of AWM's KL anchor, the EMA copy of the trained weights its EMA-KL term pulls towards
+    (``scxue/advantage_weighted_matching``, ``scripts/train_sd3_awm.py``: the ``ema`` LoRA adapter,
+    updated after every epoch as ``theta_ema <- d * theta_ema + (1 - d) * theta``)::
+
+        linear:    d = min(cap, rate * step)       (release: cap = kl_ema_decay 0.3, rate 0.001)
+        constant:  d = cap
+
+    ``step`` is the number of optimizer updates taken so far (the release's ``global_step`` after
+    the epoch's update). The anchor starts equal to the trained weights.
+    """
+    if kind == "linear":
+        return min(cap, rate * step)
+    if kind == "constant":
+        return cap
+    raise ValueError(f"kind must be one of {KL_EMA_DECAY_TYPES}, got {kind!r}")
+
+
 def velocity_kl(v_pred: torch.Tensor, v_ref: torch.Tensor) -> torch.Tensor:
     """The velocity-space KL surrogate both releases add to the loss, ``mean((v - v_ref)^2)``
     per sample ([B]); DiffusionNFT weighs it by ``train.beta`` (1e-4 in its SD3.5 configs), AWM by
-    ``train.beta`` with ``kl_weight='Uniform'`` (1e-4 PickScore, 3e-3 GenEval/OCR)."""
+    ``train.beta`` with ``kl_weight='Uniform'`` (1e-4 PickScore, 3e-3 GenEval/OCR). AWM adds it a
+    second time with the EMA anchor's velocity as ``v_ref`` (:func:`kl_ema_decay`), weighted by
+    ``train.ema_beta`` (1 in its SD3.5 configs, ``kl_ema_weight='Uniform'``)."""
     return _per_sample_mean((v_pred.float() - v_ref.detach().float()) ** 2)
 
 

@@ -2,7 +2,7 @@
 
 Each builder writes a complete pipeline directory (``model_index.json``, scheduler,
 tokenizers, text encoders, VAE, denoiser) that ``DiffusionPipeline.from_pretrained(dir)``
-loads with no network, exactly as it would load ``runwayml/stable-diffusion-v1-5``.
+loads with no network, exactly as it would load ``stable-diffusion-v1-5/stable-diffusion-v1-5``.
 Sizes are chosen so a build takes seconds and the directory stays well under 20 MB.
 
 The tokenizer is a real ``CLIPTokenizer`` with a byte-level vocabulary (one token per

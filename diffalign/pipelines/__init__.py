@@ -2,8 +2,8 @@
 
 from .rollout import DeterministicStep, GuidedModel, Rollout, cat_rollouts, rollout, sample
 from .schedules import (
-    SIGMA_SCHEDULES, RolloutPlan, SamplingTable, full_plan, ode_plan, post_window_compressed, sampling_table,
-    time_shift_table, tree_plan, window_plan, window_start, window_stop,
+    SIGMA_SCHEDULES, RolloutPlan, SamplingTable, full_plan, ode_plan, post_window_compressed, post_window_points,
+    sampling_table, time_shift_table, tree_plan, window_plan, window_start, window_stop,
 )
 from .steps import (
     ODE_SOLVERS, PARAMETRIZATIONS, STEP_KINDS, CPSStep, DanceSDEStep, DDIMStep, DPMSolver2M, EulerODE, FlowSDEStep,
@@ -14,6 +14,6 @@ __all__ = [
     "CPSStep", "DDIMStep", "DPMSolver2M", "DeterministicStep", "DanceSDEStep", "EulerODE", "FlowSDEStep", "GuidedModel",
     "HeunODE", "ODESolver", "ODE_SOLVERS", "PARAMETRIZATIONS", "Rollout", "RolloutPlan", "SIGMA_SCHEDULES", "STEP_KINDS",
     "SamplingTable", "StepCoeffs", "StepKind", "cat_rollouts", "full_plan", "make_ode_solver", "make_step_kind",
-    "ode_plan", "post_window_compressed", "rollout", "sample", "sampling_table", "split_prediction", "time_shift_table",
-    "tree_plan", "window_plan", "window_start", "window_stop",
+    "ode_plan", "post_window_compressed", "post_window_points", "rollout", "sample", "sampling_table", "split_prediction",
+    "time_shift_table", "tree_plan", "window_plan", "window_start", "window_stop",
 ]

@@ -108,8 +108,13 @@ def rollout(
     solver: ODESolver | None = None,
     reduction: str = "mean",
     net=None,
+    pre_solver: ODESolver | None = None,
 ) -> Rollout:
     """Sample from ``noise`` (the roots, [R0, C, H, W]) along ``plan``; see the module docstring.
+
+    ODE steps run ``solver``, except those before the plan's first stochastic step, which run
+    ``pre_solver`` when given (``sampler.pre_window_solver``; MixGRPO-Flash: Euler before the window,
+    DPM-Solver++(2M) after it). A plan without a stochastic step runs ``solver`` throughout.
 
     Stochastic steps draw their noise from ``generator`` (CPU) in row order. A step the plan
     marks stochastic whose kind has zero std (e.g. CPS's last step) runs as an ODE step. At a
@@ -128,6 +133,7 @@ def rollout(
     rec: dict[str, list] = {k: [] for k in TRANSITION_KEYS}
     state: dict = {}
     x0 = None
+    first_stochastic = next((j for j, st in enumerate(plan.stochastic) if st), 0)
     for i in range(table.num_steps):
         n = x.shape[0]
         co = table.coeffs_at(i, n, device)
@@ -167,7 +173,8 @@ def rollout(
                     out = model(x_tmp, t_next, rows_prompt, net)
                     return split_prediction(out, x_tmp, co.alpha_next, co.sigma_next, table.parametrization)
 
-            x_next = solver.step(x, x0, eps, co, state, predict_next)
+            step_solver = pre_solver if pre_solver is not None and i < first_stochastic else solver
+            x_next = step_solver.step(x, x0, eps, co, state, predict_next)
         x = x_next
     transitions = {k: torch.cat(v) for k, v in rec.items() if v}
     return Rollout(table, x, rows_prompt, node_at, rows_per_depth, transitions,

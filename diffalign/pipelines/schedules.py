@@ -53,6 +53,11 @@ def sampling_table(adapter, num_steps: int, height: int | None = None, width: in
 SIGMA_SCHEDULES = ("scheduler", "time_shift")
 
 
+def _time_shift(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's time shift ``shift u / (1 + (shift - 1) u)`` (DanceGRPO / MixGRPO ``sd3_time_shift``)."""
+    return shift * u / (1.0 + (shift - 1.0) * u)
+
+
 def time_shift_table(num_steps: int, shift: float, num_train_timesteps: int = 1000) -> SamplingTable:
     """The rectified-flow table of DanceGRPO, MixGRPO and BranchGRPO (their ``sd3_time_shift``):
     ``s_k = shift u_k / (1 + (shift - 1) u_k)`` on ``u = linspace(1, 0, num_steps + 1)``, model
@@ -68,7 +73,7 @@ def time_shift_table(num_steps: int, shift: float, num_train_timesteps: int = 10
     if num_steps < 1 or shift <= 0:
         raise ValueError(f"time_shift_table needs num_steps >= 1 and shift > 0, got {num_steps}, {shift}")
     u = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
-    sig = (shift * u / (1.0 + (shift - 1.0) * u)).float()
+    sig = _time_shift(u, shift).float()
     s, s_next = sig[:-1], sig[1:]
     nxt = torch.where(s_next > 0, s_next * num_train_timesteps, torch.full_like(s_next, -1.0))
     return SamplingTable("flow", s * num_train_timesteps, nxt, 1.0 - s, s, 1.0 - s_next, s_next, float(s_next[0]))
@@ -164,43 +169,73 @@ def window_stop(start: int, num_steps: int, size: int, end: int | None, mode: st
     return start + size
 
 
-def post_window_compressed(table: SamplingTable, plan: RolloutPlan, ratio: float) -> tuple[SamplingTable, RolloutPlan]:
-    """MixGRPO-Flash: the ODE steps after the plan's last stochastic step ``L`` replaced by fewer ones.
+def post_window_points(num_steps: int, last: int, ratio: float, to_zero: bool = True) -> int:
+    """MixGRPO-Flash: how many sigma points follow the window whose last step is ``last``.
 
-    MixGRPO (``fastvideo/utils/sampling_utils.py``, ``dpm_apply_strategy="post"``) keeps steps
-    ``0..L`` and puts ``int(max(r * ratio, 1))`` sigma points from ``sigma_{L+1}`` to 0 after them
-    (``r = N - 1 - L`` steps were there), i.e. ``int(r * ratio) - 1`` steps; here at least 1, so
-    the sample always ends at the table's last point. Their points are ``linspace(t_{L+1}, 0)`` in
-    unshifted time, time-shifted; here the table's own grid ``L+1 .. N`` subsampled evenly (the same
-    points on a time-shifted linspace table when ``r`` is a multiple of the step count, the nearest
-    table points otherwise), which works for every model family. The plan carries the ODE
-    solver's history across the window (``carry_ode_history``). Returns ``(table, plan)``.
+    The release (Tencent-Hunyuan/MixGRPO, ``fastvideo/utils/sampling_utils.py`` ``run_sample_step`` with
+    ``dpm_apply_strategy="post"``) keeps ``P = int(max((N - L) * ratio, 1))`` points, counted on the
+    ``N + 1``-point schedule (``N`` steps, ``L`` the window's last step), the first of them
+    ``sigma_{L+1}``; so ``P - 1`` ODE steps follow the window. Computed in Python floats like there
+    (``int(5 * 0.4) = 2``). ``to_zero`` (``schedule.window.post_window_to_zero``): at least 2 points,
+    so at least one step takes the sample to the schedule's end; the release (``to_zero=False``) has a
+    single point when ``(N - L) * ratio < 2`` and its rollout stops at ``sigma_{L+1} > 0``.
+    """
+    points = int(max((num_steps - last) * ratio, 1))
+    return max(points, 2) if to_zero else points
+
+
+def post_window_compressed(table: SamplingTable, plan: RolloutPlan, ratio: float, shift: float | None = None,
+                           num_train_timesteps: int = 1000, to_zero: bool = True) -> tuple[SamplingTable, RolloutPlan]:
+    """MixGRPO-Flash (Li et al., 2025, arXiv:2507.21802): the ODE steps after the plan's last
+    stochastic step ``L`` replaced by fewer ones.
+
+    Steps ``0..L`` are kept; after them come the :func:`post_window_points` ``P`` sigma points (the
+    first is ``sigma_{L+1}``), i.e. ``P - 1`` ODE steps. Where they lie:
+
+    * ``shift`` given (a :func:`time_shift_table` of that shift, ``sampler.sigma_schedule: time_shift``):
+      the release's points, ``sigma_j = shift u_j / (1 + (shift - 1) u_j)`` on
+      ``u = linspace(u_{L+1}, 0, P)`` with ``u_{L+1} = 1 - (L + 1) / N`` the unshifted time of
+      ``sigma_{L+1}``; model timestep ``sigma * num_train_timesteps``. Flow tables only.
+    * ``shift=None`` (any other table, e.g. a checkpoint scheduler's): the table's own grid
+      ``L+1 .. N`` subsampled evenly (point ``L + 1 + round(j (N - 1 - L) / (P - 1))``), the nearest
+      table points to an even spacing; the release's points where ``N - 1 - L`` is a multiple of
+      ``P - 1`` on a time-shift table.
+
+    With ``P = 1`` (``to_zero=False``) the table ends at step ``L`` (``sigma_next = sigma_{L+1} > 0``).
+    The plan carries the ODE solver's history across the window (``carry_ode_history``: the
+    release's DPM-Solver++(2M) state holds the ``x0`` of step ``L`` at the first post step).
+    Returns ``(table, plan)``.
     """
     stochastic = plan.stochastic_steps
     n = table.num_steps
     last = stochastic[-1] if stochastic else n - 1
-    remaining = n - 1 - last
-    if remaining <= 0:
-        return table, RolloutPlan(list(plan.stochastic), dict(plan.branches), plan.split_noise_scale, True)
-    post = max(int(remaining * ratio) - 1, 1)
-    bounds = [last + 1 + round(j * remaining / post) for j in range(post + 1)]  # table points L+1 .. N
-
-    def at(point: int, cur: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
-        """A table quantity at grid point ``point`` (``cur``: value at a step's start, ``nxt``: at its end)."""
-        return cur[point] if point < n else nxt[n - 1]
-
-    keep = torch.arange(last + 1)
-    starts, ends = bounds[:-1], bounds[1:]
-    pick = lambda cur, nxt: torch.cat([cur[keep], torch.stack([at(b, cur, nxt) for b in starts])])  # noqa: E731
-    pick_next = lambda cur, nxt: torch.cat([nxt[keep], torch.stack([at(b, cur, nxt) for b in ends])])  # noqa: E731
+    carried = lambda stoch: RolloutPlan(stoch, dict(plan.branches), plan.split_noise_scale, True)  # noqa: E731
+    if n - 1 - last <= 0:
+        return table, carried(list(plan.stochastic))
+    points = post_window_points(n, last, ratio, to_zero)
+    if shift is not None:
+        if table.parametrization != "flow":
+            raise ValueError("post_window_compressed(shift=...) needs a rectified-flow table "
+                             "(sampler.sigma_schedule: time_shift)")
+        u_first = torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64)[last + 1]
+        sig = _time_shift(torch.linspace(float(u_first), 0.0, points, dtype=torch.float64), shift).float()
+        p_sigma, p_alpha = sig, 1.0 - sig
+        p_t = torch.where(sig > 0, sig * num_train_timesteps, torch.full_like(sig, -1.0))
+    else:
+        idx = [last + 1 + round(j * (n - 1 - last) / (points - 1)) for j in range(points)] if points > 1 else [last + 1]
+        on_grid = lambda cur, nxt: torch.cat([cur, nxt[-1:]])[idx]  # noqa: E731  # values at grid points 0..N
+        p_t = on_grid(table.timesteps, table.next_timesteps)
+        p_alpha, p_sigma = on_grid(table.alpha, table.alpha_next), on_grid(table.sigma, table.sigma_next)
+    k = last + 1
+    start = lambda kept, pts: torch.cat([kept[:k], pts[:-1].to(kept)])  # noqa: E731  # a step's start: points 0..P-2
+    end = lambda kept, pts: torch.cat([kept[:k], pts[1:].to(kept)])  # noqa: E731  # its end: points 1..P-1
     compressed = SamplingTable(
         table.parametrization,
-        pick(table.timesteps, table.next_timesteps), pick_next(table.timesteps, table.next_timesteps),
-        pick(table.alpha, table.alpha_next), pick(table.sigma, table.sigma_next),
-        pick_next(table.alpha, table.alpha_next), pick_next(table.sigma, table.sigma_next), table.sigma_cap,
+        start(table.timesteps, p_t), end(table.next_timesteps, p_t),
+        start(table.alpha, p_alpha), start(table.sigma, p_sigma),
+        end(table.alpha_next, p_alpha), end(table.sigma_next, p_sigma), table.sigma_cap,
     )
-    stoch = list(plan.stochastic[:last + 1]) + [False] * post
-    return compressed, RolloutPlan(stoch, dict(plan.branches), plan.split_noise_scale, True)
+    return compressed, carried(list(plan.stochastic[:k]) + [False] * (points - 1))
 
 
 def tree_plan(num_steps: int, branch_steps: list[int], branch_factor: int, sde_between: bool = True,

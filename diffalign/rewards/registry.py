@@ -48,7 +48,9 @@ ENTRY_POINT_GROUP = "diffalign.rewards"
 _plugins_loaded = False
 
 
-def _load_plugins() -> None:
+def load_plugins() -> None:
+    """Import the plugin modules and run the ``diffalign.rewards`` entry points, once (they also
+    register what higher layers of this package add by name, e.g. the testbed's prompt sets)."""
     global _plugins_loaded
     if _plugins_loaded:
         return
@@ -68,7 +70,7 @@ def _load_plugins() -> None:
 
 def list_rewards() -> dict[str, str]:
     """Registered names -> one-line descriptions."""
-    _load_plugins()
+    load_plugins()
     return dict(sorted(_DESCRIPTIONS.items()))
 
 
@@ -104,7 +106,7 @@ def get_reward(spec: str | Reward | Mapping[str, float], **kwargs: Any) -> Rewar
     with _LOCK:
         factory = _REGISTRY.get(name)
     if factory is None:
-        _load_plugins()
+        load_plugins()
         with _LOCK:
             factory = _REGISTRY.get(name)
     if factory is None:

@@ -74,12 +74,6 @@ class BaseModelConfig:
     style: str = "plain"
     #: :func:`~diffalign.testbed.world.sample_scene` keyword arguments of the training scenes
     scene: dict = field(default_factory=dict)
-    #: share of the training captions naming a background tone (``scene["p_background"]``) that
-    #: name the drawn one (:func:`~diffalign.testbed.training.make_training_set`)
-    background_accuracy: float = 1.0
-    #: share of the training images whose objects are washed out toward the background, unmentioned
-    #: in their captions (:func:`~diffalign.testbed.training.make_training_set`)
-    washed_out: float = 0.0
     #: T5 tokens of the (absent) third SD3 text encoder: zeros the MMDiT attends to. Every
     #: caller of an sd3 testbed base passes the same ``max_sequence_length``.
     max_sequence_length: int = 8
@@ -90,9 +84,8 @@ class BaseModelConfig:
 
     def key(self) -> str:
         d = asdict(self)
-        for name, default in (("init_from", None), ("background_accuracy", 1.0), ("washed_out", 0.0)):
-            if d[name] == default:  # keys of bases trained before the field existed stay valid
-                del d[name]
+        if d["init_from"] is None:  # keys of bases trained before the field existed stay valid
+            del d["init_from"]
         d["block_out_channels"] = list(self.block_out_channels)
         d["vae_channels"] = list(self.vae_channels)
         d["version"] = BASE_MODEL_VERSION
@@ -118,18 +111,6 @@ BUDGETS["full_flow"] = replace(BUDGETS["flow_pre"], init_from="flow_pre", steps=
 # shapes were still improving at 7000 steps (colour was already right): 8000 more denoiser steps,
 # text encoders frozen (a third of the step time)
 BUDGETS["flow_long"] = replace(BUDGETS["full_flow"], init_from="full_flow", steps=8000, train_text_encoder=False, seed=2)
-# an experiment, not shipped and not in any job budget: flow_long taught a caption attribute it
-# should follow only partly, the background tone ("on a warm background"), named in 3 of 4 captions
-# and right in 70% of those (noisy captions). It did not pick the words up (diffalign/testbed/README.md,
-# "A caption-named background tone")
-BUDGETS["flow_tone"] = replace(BUDGETS["flow_long"], init_from="flow_long", steps=2500, train_text_encoder=True, seed=3,
-                               scene={**JOB_SCENE, "p_background": 0.75}, background_accuracy=0.7)
-# an experiment, not shipped and not in any job budget: flow_long trained further on the same world with
-# 12% of the images washed out (objects faded toward the background, unmentioned in the captions), a
-# prompt-independent flaw for the online methods to remove. Guidance 3 removes the faded mode from its
-# samples (diffalign/testbed/README.md, "Washed-out samples")
-BUDGETS["flow_washed"] = replace(BUDGETS["flow_long"], init_from="flow_long", steps=4000, learning_rate=5e-4, seed=4,
-                                 washed_out=0.12)
 
 #: The trained ``full`` (UNet) / ``flow_long`` (flow MMDiT) bases, shipped with the package (reproduce one with
 #: ``diffalign testbed-base --budget full --force --out diffalign/testbed/assets/base``).
@@ -352,8 +333,8 @@ def train_base_model(out: str | Path, cfg: BaseModelConfig | None = None, log: C
         template = StableDiffusionPipeline.from_pretrained(Path(tmp) / "tiny", safety_checker=None, requires_safety_checker=False)
     tokenizer = template.tokenizer
 
-    samples = make_training_set(cfg.n_train, cfg.resolution, cfg.seed, style=cfg.style, exclude_heldout=cfg.exclude_heldout,
-                                background_accuracy=cfg.background_accuracy, washed_out=cfg.washed_out, **cfg.scene)
+    samples = make_training_set(cfg.n_train, cfg.resolution, cfg.seed, style=cfg.style,
+                                exclude_heldout=cfg.exclude_heldout, **cfg.scene)
     captions = [c for c, _ in samples]
     x = torch.from_numpy(np.stack([im for _, im in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 

@@ -112,7 +112,8 @@ def scene_key(text: str) -> str:
     return caption(replace(parse_caption(text), prefix=""))
 
 
-def job_prompt_splits(n_train: int, n_indist: int, n_compositional: int, seed: int = 0, **scene_kwargs) -> dict[str, list[str]]:
+def job_prompt_splits(n_train: int, n_indist: int, n_compositional: int, seed: int = 0, n_curve: int = 0,
+                      **scene_kwargs) -> dict[str, list[str]]:
     """The three prompt sets of ``diffalign testbed-compare``, deterministic in ``seed``:
 
     * ``train``: the captions pairs and rollouts are drawn from (train colour x shape pairs);
@@ -121,7 +122,13 @@ def job_prompt_splits(n_train: int, n_indist: int, n_compositional: int, seed: i
     * ``compositional``: held-out colour x shape pairs (:func:`heldout_prompts`), seen by
       neither the base models nor any method - generalisation.
 
-    ``indist`` scenes are drawn first, so growing ``n_train`` never changes ``indist``.
+    * ``curve`` (``n_curve`` > 0): captions of the same distribution whose scenes are in neither
+      ``train`` nor ``indist``: the fixed evaluation subset the online methods are evaluated on
+      while they train (curves, the efficiency race, checkpoint choice), so that nothing is chosen
+      on ``indist``.
+
+    ``indist`` scenes are drawn first, so growing ``n_train`` never changes ``indist``; ``curve``
+    is drawn after both, so it changes neither.
     """
     rng = np.random.default_rng([int(seed), 0x1D15])
     indist: list[str] = []
@@ -147,4 +154,21 @@ def job_prompt_splits(n_train: int, n_indist: int, n_compositional: int, seed: i
             train_keys.add(key)
     if len(indist) < n_indist or len(train) < n_train:
         raise ValueError(f"job_prompt_splits: found {len(train)} train / {len(indist)} indist prompts, asked for {n_train} / {n_indist}")
-    return {"train": train, "indist": indist, "compositional": heldout_prompts(n_compositional, seed, **scene_kwargs)}
+    curve: list[str] = []
+    curve_keys: set[str] = set()
+    for _ in range(400 * max(n_curve, 1) + 10_000):
+        if len(curve) >= n_curve:
+            break
+        text = caption(sample_scene(rng, pairs=TRAIN_PAIRS, **scene_kwargs))
+        key = scene_key(text)
+        if text in seen or key in held_keys or key in train_keys or key in curve_keys:
+            continue
+        seen.add(text)
+        curve.append(text)
+        curve_keys.add(key)
+    if len(curve) < n_curve:
+        raise ValueError(f"job_prompt_splits: found {len(curve)} curve prompts, asked for {n_curve}")
+    out = {"train": train, "indist": indist, "compositional": heldout_prompts(n_compositional, seed, **scene_kwargs)}
+    if n_curve:
+        out["curve"] = curve
+    return out

@@ -73,9 +73,21 @@ def register_testbed_rewards(overwrite: bool = False) -> tuple[str, ...]:
     return TESTBED_REWARD_NAMES
 
 
+def register_testbed_prompt_sets() -> None:
+    """``diffalign eval --prompts testbed_heldout[:N]`` / ``testbed_train[:N]``: the held-out and the
+    training caption sets of the world."""
+    from ..eval.generate import register_prompt_set
+    from .prompts import heldout_prompts, train_prompts
+
+    register_prompt_set("testbed_heldout", heldout_prompts)
+    register_prompt_set("testbed_train", train_prompts)
+
+
 def auto_register() -> None:
-    """:func:`register_testbed_rewards`, unless another module already owns the names."""
+    """:func:`register_testbed_rewards` (unless another module already owns the names) and the
+    testbed's prompt sets."""
     try:
         register_testbed_rewards()
     except ValueError:  # the names are taken by another module's factories
         pass
+    register_testbed_prompt_sets()

@@ -28,10 +28,7 @@ Pipeline, per image:
    * ``count``: ``len(T)`` equals the named count (1-3);
    * ``size`` (if named): ``T`` is non-empty and every component has the named size;
    * ``position`` (if named): ``T`` is non-empty and every centroid is on that side
-     (x < 0.4 for left, x > 0.6 for right, y < 0.4 top, y > 0.6 bottom);
-   * ``background`` (if a tone is named, once per image): the background's tint on the world's
-     cool-warm axis, ``(R - B) / 80`` of the border-ring median (the ``"warm"`` style is 1),
-     is at least ``TONE_THRESHOLD`` (0.25) on the named side.
+     (x < 0.4 for left, x > 0.6 for right, y < 0.4 top, y > 0.6 bottom).
 
 Score = fraction of checks passed; ``strict`` = 1 if all passed. Per-attribute details are
 the fraction of that attribute's checks passed in each image, NaN where the prompt does
@@ -48,19 +45,17 @@ from typing import Any, Sequence
 import numpy as np
 
 from .world import (
-    BACKGROUND_TONES,
     COLOURS,
     PREFIXES,
     SHAPES,
     SIZE_THRESHOLD,
     SIZES,
-    WARM_SHIFT,
     ObjectGroup,
     Scene,
     to_uint8_batch,
 )
 
-ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "count", "size", "position", "background")
+ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "count", "size", "position")
 COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
 PALETTE = np.asarray([COLOURS[c] for c in COLOUR_NAMES], dtype=np.float32)
 
@@ -72,11 +67,6 @@ TRIANGLE_SKEW = 0.06
 MAX_ASPECT = 1.5
 ALPHA_FLOOR = 0.15
 SIDE_BOUND = 0.4
-#: A named background tone passes at a tint of at least this on its side (the world draws tints
-#: uniformly in [0, 0.8] on the named side, so a quarter of its own renders are too faint to pass).
-TONE_THRESHOLD = 0.25
-#: (R - B) of the full warm shift: the tint estimate's unit.
-_TONE_UNIT = float(WARM_SHIFT[0] - WARM_SHIFT[2])
 
 
 class PromptParseError(ValueError):
@@ -116,11 +106,6 @@ def parse_caption(text: str) -> Scene:
         if p and norm.startswith(p + " "):
             prefix, norm = p, norm[len(p) + 1:]
             break
-    background = None
-    for tone in BACKGROUND_TONES:
-        if norm.endswith(f" on a {tone} background"):
-            background, norm = tone, norm[: -len(f" on a {tone} background")]
-            break
     position = None
     for phrase, pos in _POSITION_SUFFIXES.items():
         if norm.endswith(" " + phrase):
@@ -148,7 +133,7 @@ def parse_caption(text: str) -> Scene:
             raise _fail(text, f"unknown colour {colour!r} (expected {', '.join(COLOURS)})")
         groups.append(ObjectGroup(colour, shape, _COUNTS[count_word], size))
     try:
-        return Scene(tuple(groups), position, prefix, background)
+        return Scene(tuple(groups), position, prefix)
     except ValueError as e:
         raise _fail(text, str(e)) from None
 
@@ -177,13 +162,6 @@ def background_colour(images_u8: np.ndarray) -> np.ndarray:
     x = images_u8
     ring = np.concatenate([x[:, 0], x[:, -1], x[:, 1:-1, 0], x[:, 1:-1, -1]], axis=1)
     return np.median(ring.astype(np.float32), axis=1)
-
-
-def background_tint(images_u8: np.ndarray) -> np.ndarray:
-    """Per-image tint of the background on the world's cool-warm axis, ``[B]`` float: ``(R - B) / 80``
-    of :func:`background_colour` (0 for neutral grey, 1 for the ``"warm"`` style, negative = cool)."""
-    bg = background_colour(images_u8)
-    return (bg[:, 0] - bg[:, 2]) / _TONE_UNIT
 
 
 def classify_pixels(images_u8: np.ndarray, max_colour_dist: float = 80.0) -> np.ndarray:
@@ -367,19 +345,9 @@ def bind_groups(scene: Scene, components: Sequence[Component]):
         yield g, mine, target
 
 
-def _tone_margin(scene: Scene, tint: float | None) -> float:
-    """Signed distance of the background tint past ``TONE_THRESHOLD`` on the named side."""
-    if tint is None:
-        raise ValueError(f"the caption names a {scene.background} background: the check needs the image's background tint")
-    return (tint if scene.background == "warm" else -tint) - TONE_THRESHOLD
-
-
-def check_scene(scene: Scene, components: Sequence[Component], tint: float | None = None) -> dict[str, list[bool]]:
-    """Pass/fail of every check the scene's caption implies, grouped by attribute. ``tint``: the
-    image's :func:`background_tint`, needed when the caption names a background tone."""
+def check_scene(scene: Scene, components: Sequence[Component]) -> dict[str, list[bool]]:
+    """Pass/fail of every check the scene's caption implies, grouped by attribute."""
     checks: dict[str, list[bool]] = {a: [] for a in ATTRIBUTES}
-    if scene.background is not None:
-        checks["background"].append(_tone_margin(scene, tint) >= 0)
     for g, mine, target in bind_groups(scene, components):
         checks["colour"].append(bool(mine))
         checks["shape"].append(bool(target) and all(c.shape == g.shape for c in target))
@@ -398,7 +366,6 @@ SOFT_EXTENT = 0.03  # extent (fraction of the side)
 SOFT_FILL = 0.03  # fill ratio
 SOFT_SKEW = 0.02  # centroid skew (heights)
 SOFT_ASPECT = 0.1  # aspect ratio
-SOFT_TONE = 0.05  # background tint
 
 
 def _sig(z: float) -> float:
@@ -425,17 +392,14 @@ def _side_grade(c: Component, position: str) -> float:
     return _sig(margin / SOFT_SIDE)
 
 
-def grade_scene(scene: Scene, components: Sequence[Component], tint: float | None = None) -> dict[str, list[float]]:
+def grade_scene(scene: Scene, components: Sequence[Component]) -> dict[str, list[float]]:
     """Soft counterpart of :func:`check_scene`: the same checks on the same object binding, with
-    shape, size, position and the background tone graded in [0, 1] by logistic margins to the hard
-    thresholds (the mean over the group's components instead of "all of them"); colour and count
-    stay pass/fail.
+    shape, size and position graded in [0, 1] by logistic margins to the hard thresholds (the mean
+    over the group's components instead of "all of them"); colour and count stay pass/fail.
 
     A shaped training reward for online RL: every sample gets a distinct score that says how close
     it is to passing, where the hard checks give most samples of a group the same score."""
     checks: dict[str, list[float]] = {a: [] for a in ATTRIBUTES}
-    if scene.background is not None:
-        checks["background"].append(_sig(_tone_margin(scene, tint) / SOFT_TONE))
     for g, mine, target in bind_groups(scene, components):
         checks["colour"].append(float(bool(mine)))
         checks["shape"].append(float(np.mean([shape_grade(c, g.shape) for c in target])) if target else 0.0)
@@ -482,10 +446,10 @@ class TestbedReward:
     ``images``: float tensor ``[B, 3, H, W]`` in [0, 1] (also uint8 ``[B, H, W, 3]`` arrays
     or a list of PIL images). Returns an object with ``.scores`` (float32 tensor ``[B]``,
     fraction of checks passed) and ``.details`` (float32 tensors ``[B]``: ``strict`` 0/1,
-    ``colour``/``shape``/``count``/``size``/``position``/``background`` fraction passed or NaN
-    if not named, ``n_components``).
+    ``colour``/``shape``/``count``/``size``/``position`` fraction passed or NaN if not
+    named, ``n_components``).
 
-    ``soft=True`` (the registered ``testbed_soft``) grades shape, size, position and tone by
+    ``soft=True`` (the registered ``testbed_soft``) grades shape, size and position by
     :func:`grade_scene` instead of passing/failing them: a shaped training reward for online RL
     (``strict`` then counts a graded check as passed at >= 0.5, its hard threshold).
     """
@@ -512,12 +476,10 @@ class TestbedReward:
         B = arr.shape[0]
         res = {k: np.full(B, np.nan, dtype=np.float32) for k in ("score", "strict", *ATTRIBUTES, "n_components")}
         for s in range(0, B, self.chunk_size):
-            chunk = arr[s : s + self.chunk_size]
-            comps = segment(chunk, min_area_frac=self.min_area_frac, max_colour_dist=self.max_colour_dist)
-            tints = background_tint(chunk)
+            comps = segment(arr[s : s + self.chunk_size], min_area_frac=self.min_area_frac, max_colour_dist=self.max_colour_dist)
             for j, cs in enumerate(comps):
                 i = s + j
-                checks = (grade_scene if self.soft else check_scene)(scenes[i], cs, float(tints[j]))
+                checks = grade_scene(scenes[i], cs) if self.soft else check_scene(scenes[i], cs)
                 flat = [v for a in ATTRIBUTES for v in checks[a]]
                 res["score"][i] = np.mean(flat)
                 res["strict"][i] = float(all(v >= 0.5 for v in flat))

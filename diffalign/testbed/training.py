@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from .prompts import TRAIN_PAIRS
-from .world import COLOURS, FADE_RANGE, SHAPES, STYLES, caption, decode_image, encode_jpeg, perturb_scene, render, resolve_style, sample_scene
+from .world import COLOURS, SHAPES, STYLES, caption, decode_image, encode_jpeg, render, resolve_style, sample_scene
 
 
 def make_training_set(
@@ -25,25 +25,14 @@ def make_training_set(
     style: str | None = None,
     warm_rate: float = 0.0,
     exclude_heldout: bool = False,
-    background_accuracy: float = 1.0,
-    washed_out: float = 0.0,
     **scene_kwargs,
 ) -> list[tuple[str, np.ndarray]]:
     """``n`` ``(caption, uint8 HxWx3)`` samples: random scenes, rendered in ``style`` (default plain).
 
     ``warm_rate``: share drawn in the target (warm) style instead (default 0: never).
     ``exclude_heldout``: draw only train (colour, shape) pairs, so held-out prompts are also
-    novel to the base model. Extra keyword arguments go to :func:`sample_scene` (its
-    ``p_background`` names a background tone in that share of the captions).
-    ``background_accuracy``: the share of captions naming a tone whose tone is the drawn one; the
-    rest name the other (noisy captions, as web alt-text is: a base trained on them follows the
-    tone word only partly, which leaves online RL on the verifiable reward something to gain).
-    ``washed_out``: the share of images whose objects are washed out toward the background
-    (``render(fade=...)``, fade uniform in :data:`~diffalign.testbed.world.FADE_RANGE`); no caption
-    says so, as web alt-text does not mention a faded photo. The verifiable reward's segmentation
-    misreads or misses faded objects, so a base that drew them would have a prompt-independent flaw
-    for online RL to remove (the flow base fine-tuned on them draws them only without guidance).
-    Deterministic in ``seed`` (``washed_out=0`` draws the same set as before the option existed).
+    novel to the base model. Extra keyword arguments go to :func:`sample_scene`.
+    Deterministic in ``seed``.
     """
     base = resolve_style(style)
     rng = np.random.default_rng([int(seed), 0x7A1D])
@@ -53,14 +42,7 @@ def make_training_set(
         scene = sample_scene(rng, pairs=pairs, **scene_kwargs)
         st = STYLES["warm"] if (warm_rate > 0 and rng.random() < warm_rate) else base
         img_seed = int(rng.integers(0, 2**31 - 1))
-        said = scene
-        if scene.background is not None and background_accuracy < 1.0 and rng.random() >= background_accuracy:
-            said = perturb_scene(scene, rng, ("background",))
-        fade = 0.0
-        if washed_out > 0:  # both draws always: sets that differ only in the share fade the same way
-            faded, level = rng.random() < washed_out, float(rng.uniform(*FADE_RANGE))
-            fade = level if faded else 0.0
-        out.append((caption(said), render(scene, resolution, st, img_seed, fade=fade)))
+        out.append((caption(scene), render(scene, resolution, st, img_seed)))
     return out
 
 

@@ -2,8 +2,7 @@
 
 A :class:`Scene` names everything a caption says: one or two object *groups*, each
 with a colour, a shape, a count (1-3 identical objects) and optionally a size, plus
-optionally a position when the scene holds exactly one object, and optionally a background
-tone ("on a warm background" / "on a cool background": which side of grey the tint is on). ``caption(scene)``
+optionally a position when the scene holds exactly one object. ``caption(scene)``
 turns it into templated English; :func:`diffalign.testbed.reward.parse_caption`
 turns the caption back into the same ``Scene``.
 
@@ -29,8 +28,7 @@ cool-warm axis by a random tint ``t`` in [-0.8, 0.8]: from slate blue through gr
 tan, never as warm as ``"warm"``; the testbed base models are trained on it, so their
 samples vary in the hidden taste's direction without any caption naming it), and an
 optional dark ``outline`` around each object (``"outline"``, ``"warm_outline"`` or
-``Style(background=..., outline=True)``). A scene that names a background tone overrides the
-style's background: a tint ``|t|``, ``t`` uniform in [-0.8, 0.8], on the named side of grey.
+``Style(background=..., outline=True)``).
 """
 
 from __future__ import annotations
@@ -66,8 +64,6 @@ POSITION_PHRASES: dict[str, str] = {
     "bottom": "at the bottom",
 }
 COUNT_WORDS: dict[int, str] = {1: "a", 2: "two", 3: "three"}
-#: Named background tones: the sign of the tint on the world's cool-warm axis (``"tinted"`` style).
-BACKGROUND_TONES: tuple[str, ...] = ("warm", "cool")
 #: Caption prefixes (part of the Scene so captions round-trip exactly).
 PREFIXES: tuple[str, ...] = ("a photo of", "an image of", "")
 MAX_OBJECTS = 3
@@ -109,13 +105,11 @@ class ObjectGroup:
 
 @dataclass(frozen=True)
 class Scene:
-    """One or more object groups, an optional position (single object only), the caption prefix
-    and an optional named background tone (``"warm"``/``"cool"``: the sign of the background tint)."""
+    """One or more object groups, an optional position (single object only) and the caption prefix."""
 
     groups: tuple[ObjectGroup, ...]
     position: str | None = None
     prefix: str = "a photo of"
-    background: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "groups", tuple(self.groups))
@@ -133,8 +127,6 @@ class Scene:
                 raise ValueError("a position can only be named for a scene with exactly one object")
         if self.prefix not in PREFIXES:
             raise ValueError(f"unknown caption prefix {self.prefix!r}; known: {PREFIXES}")
-        if self.background is not None and self.background not in BACKGROUND_TONES:
-            raise ValueError(f"unknown background {self.background!r}; known: {', '.join(BACKGROUND_TONES)} or None")
 
     @property
     def n_objects(self) -> int:
@@ -152,13 +144,10 @@ def group_phrase(group: ObjectGroup) -> str:
 
 
 def caption(scene: Scene) -> str:
-    """Templated English, e.g. ``"a photo of two small red circles"``, ``"a blue square on the left"``,
-    ``"a red circle on a warm background"``."""
+    """Templated English, e.g. ``"a photo of two small red circles"``, ``"a blue square on the left"``."""
     text = " and ".join(group_phrase(g) for g in scene.groups)
     if scene.position is not None:
         text += " " + POSITION_PHRASES[scene.position]
-    if scene.background is not None:
-        text += f" on a {scene.background} background"
     return f"{scene.prefix} {text}" if scene.prefix else text
 
 
@@ -175,7 +164,6 @@ def sample_scene(
     p_count: Sequence[float] = (0.5, 0.25, 0.25),
     pairs: Iterable[tuple[str, str]] | None = None,
     prefixes: Sequence[str] = PREFIXES,
-    p_background: float = 0.0,
 ) -> Scene:
     """Draw a random scene.
 
@@ -210,10 +198,7 @@ def sample_scene(
     if sum(counts) == 1 and rng.random() < p_position:
         position = str(rng.choice(POSITIONS))
     prefix = str(prefixes[int(rng.integers(len(prefixes)))])
-    background = None
-    if p_background > 0 and rng.random() < p_background:
-        background = str(BACKGROUND_TONES[int(rng.integers(len(BACKGROUND_TONES)))])
-    return Scene(tuple(groups), position, prefix, background)
+    return Scene(tuple(groups), position, prefix)
 
 
 def enumerate_scenes(prefixes: Sequence[str] = PREFIXES) -> Iterator[Scene]:
@@ -241,16 +226,15 @@ def enumerate_scenes(prefixes: Sequence[str] = PREFIXES) -> Iterator[Scene]:
 def perturb_scene(scene: Scene, rng, attributes: Iterable[str] = ("colour", "shape", "count")) -> Scene:
     """A scene that gets each listed attribute of every group wrong.
 
-    ``attributes`` is a subset of ``colour, shape, count, size, position, background``. Wrong colours
+    ``attributes`` is a subset of ``colour, shape, count, size, position``. Wrong colours
     and shapes avoid every colour/shape the original names (so two groups cannot swap and
     still satisfy the prompt); wrong size flips small/large (an unnamed size stays
     unnamed); wrong position moves to the opposite side (a scene that no longer has one
-    object drops its position; a wrong background tone is the other one, an unnamed one stays
-    unnamed).
+    object drops its position).
     """
     rng = _as_rng(rng)
     attributes = set(attributes)
-    unknown = attributes - {"colour", "shape", "count", "size", "position", "background"}
+    unknown = attributes - {"colour", "shape", "count", "size", "position"}
     if unknown:
         raise ValueError(f"perturb_scene: unknown attributes {sorted(unknown)}")
     groups = list(scene.groups)
@@ -287,10 +271,7 @@ def perturb_scene(scene: Scene, rng, attributes: Iterable[str] = ("colour", "sha
         position = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}[position]
     if sum(g.count for g in groups) != 1:
         position = None
-    background = scene.background
-    if "background" in attributes and background is not None:
-        background = BACKGROUND_TONES[1 - BACKGROUND_TONES.index(background)]
-    return Scene(tuple(groups), position, scene.prefix, background)
+    return Scene(tuple(groups), position, scene.prefix)
 
 
 # ----------------------------------------------------------------------------- styles
@@ -419,28 +400,13 @@ def _shape_mask(shape: str, x: np.ndarray, y: np.ndarray, cx: float, cy: float, 
     raise ValueError(f"unknown shape {shape!r}")
 
 
-#: washed-out renders: the share ``fade`` of the background mixed into every object's colour is drawn
-#: uniformly from this range (see :func:`render` and ``make_training_set(washed_out=...)``)
-FADE_RANGE = (0.25, 0.5)
-
-
-def render(scene: Scene, resolution: int = 32, style: Style | str | None = None, seed: int = 0,
-           fade: float = 0.0) -> np.ndarray:
-    """Render ``scene`` to a ``uint8`` array of shape ``(resolution, resolution, 3)``.
-
-    ``fade`` in [0, 1) washes the objects out: each object's colour becomes
-    ``(1 - fade) * colour + fade * background`` (0, the default, draws the world as before).
-    """
-    if not 0.0 <= float(fade) < 1.0:
-        raise ValueError(f"render: fade must be in [0, 1), got {fade}")
+def render(scene: Scene, resolution: int = 32, style: Style | str | None = None, seed: int = 0) -> np.ndarray:
+    """Render ``scene`` to a ``uint8`` array of shape ``(resolution, resolution, 3)``."""
     style = resolve_style(style)
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0xC0102])
     level = float(rng.uniform(65, 100))
     bg = np.full(3, level) + rng.normal(0, 6, 3)
-    if scene.background is not None:  # a named tone: a tinted background on that side of grey
-        tint = abs(float(rng.uniform(*TINT_RANGE))) * (1.0 if scene.background == "warm" else -1.0)
-        bg = warm_background(level, tint) + rng.normal(0, 4, 3)
-    elif style.background == "warm":
+    if style.background == "warm":
         bg = warm_background(level) + rng.normal(0, 4, 3)
     elif style.background == "tinted":  # drawn after the grey jitter: "plain" draws stay unchanged
         bg = warm_background(level, float(rng.uniform(*TINT_RANGE))) + rng.normal(0, 4, 3)
@@ -455,7 +421,6 @@ def render(scene: Scene, resolution: int = 32, style: Style | str | None = None,
     outline_w = 1.0 / resolution
     for obj in layout(scene, resolution, seed):
         colour = np.asarray(COLOURS[obj.colour], dtype=np.float64) + rng.normal(0, 5, 3)
-        colour = (1.0 - fade) * colour + fade * bg
         if style.outline:
             ring = _shape_mask(obj.shape, x, y, obj.cx, obj.cy, obj.half + outline_w)
             if obj.shape == "triangle":  # grow the triangle around its centroid, not its box centre

@@ -15,12 +15,18 @@ class EMAOptions:
     enabled: bool = False
     # decay per EMA update (flow_grpo: 0.9)
     decay: float = 0.9
-    # one EMA update every this many optimizer updates (flow_grpo: 8)
+    # fire after optimizer update u (1-based, flow_grpo's incremented global_step) when (u + 1) % update_every
+    # == 0 (flow_grpo: 8, firing after updates 7, 15, ...; DiffusionNFT/AWM 1)
     update_every: int = 8
-    # flow_grpo's ramp: update n (0-based) uses min((1 + n) / (10 + n), decay); false: always decay
+    # flow_grpo's ramp: the firing after update u (1-based) uses min((1 + u) / (10 + u), decay); false: always decay
     warmup: bool = True
+    # times each firing is applied (to the same weights). yifan123/flow_grpo scripts/train_sd3.py calls its EMA
+    # once per training micro-batch, so each update count is applied gradient_accumulation_steps times
+    # (pickscore_sd3: 2); 1: once per firing (DiffusionNFT and AWM call it once per optimizer update)
+    applies_per_firing: int = 1
 
 
 def validate_ema(e: EMAOptions) -> None:
     check(0 <= e.decay < 1, "ema.decay", "must be in [0, 1)")
     check(e.update_every >= 1, "ema.update_every", "must be >= 1")
+    check(e.applies_per_firing >= 1, "ema.applies_per_firing", "must be >= 1")

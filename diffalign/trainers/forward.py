@@ -12,7 +12,9 @@ advantages, evaluation, checkpoints, logging) with three parts replaced:
    ``forward.train_timesteps`` steps of the sampling table (fresh noise), and the method's loss
    (:mod:`diffalign.losses.forward`) is minimised on those rows in ``updates_per_epoch`` guarded
    optimizer steps per pass. After the step DiffusionNFT moves its old policy towards the trained
-   weights (``nft.old_decay_*``).
+   weights (``nft.old_decay_*``); AWM with ``awm.ema_beta > 0`` moves its EMA-KL anchor, a
+   lagging copy of the trained weights whose velocity the loss is pulled towards
+   (``awm.kl_ema_*``).
 
 Both methods need a flow-matching model (their losses are defined on the rectified-flow velocity).
 """
@@ -25,13 +27,13 @@ from dataclasses import dataclass, fields
 import torch
 
 from ..config import ConfigError
-from ..losses.forward import awm_log_prob, nft_loss, nft_optimality, old_policy_decay, velocity_kl
-from ..losses.grpo import grpo_clip_loss
+from ..losses.forward import (awm_log_prob, awm_policy_loss, kl_ema_decay, nft_loss, nft_optimality, old_policy_decay,
+                              velocity_kl)
 from ..pipelines import DeterministicStep, GuidedModel, RolloutPlan, make_step_kind, split_prediction
 from ..tensors import per_row
 from .advantages import rollout_advantages, zero_std_group_fraction
 from .common import mean_across_processes
-from .forward_config import ForwardRLConfig
+from .forward_config import ForwardRLConfig, train_step_pool
 from .grpo import GRPORecipe, StepRollout, UpdateStats, gather_leaf_data
 
 
@@ -64,18 +66,17 @@ class ImageAdvantages:
 def draw_train_steps(num_images: int, num_steps: int, cfg_forward, generator: torch.Generator) -> torch.Tensor:
     """Table steps each image is trained at: ``[num_images, K]``.
 
-    Allowed steps are ``[first, int(num_steps * timestep_fraction))`` with ``first = 1`` when
-    ``skip_first_step``. ``per_sample``: each image its own ``K`` distinct steps, uniformly at
-    random (DiffusionNFT's per-sample shuffle of the table); ``stratified``: the allowed range cut
-    into ``K`` equal strata, one uniform step from each, the same for every image (AWM's
-    ``discrete`` time types). ``K = train_timesteps`` or every allowed step.
+    The pool ``[first, end)`` and ``K`` come from :func:`~.forward_config.train_step_pool`
+    (``first = 1`` when ``skip_first_step``). ``per_sample``: each image its own ``K`` distinct
+    steps of the pool, uniformly at random; with ``fraction_mode: count`` the pool is the whole
+    table and ``K = int(N * timestep_fraction)`` (DiffusionNFT's per-sample shuffle of all ``N``
+    steps, of which the first ``K`` train), with ``range`` the pool is the first
+    ``int(N * timestep_fraction)`` steps. ``stratified``: the range cut into ``K`` equal strata, one
+    uniform step from each, the same for every image (AWM's ``discrete`` time types).
     """
-    first = int(cfg_forward.skip_first_step)
-    end = int(num_steps * cfg_forward.timestep_fraction)
-    allowed = end - first
-    k = cfg_forward.train_timesteps or allowed
+    first, end, k = train_step_pool(num_steps, cfg_forward)
     if cfg_forward.timestep_draw == "per_sample":
-        keys = torch.rand((num_images, allowed), generator=generator)
+        keys = torch.rand((num_images, end - first), generator=generator)
         return keys.argsort(dim=1)[:, :k] + first
     bounds = torch.linspace(first, end, k + 1)
     lo, hi = bounds[:-1].long(), bounds[1:].long()
@@ -93,6 +94,9 @@ class ForwardRLRecipe(GRPORecipe):
         super().setup()
         # DiffusionNFT's old (sampling) policy starts as the (possibly resumed) trained weights
         self.old_params = [p.detach().clone() for p in self.params] if self.cfg.method == "nft" else None
+        # AWM's EMA-KL anchor (the release's "ema" adapter) starts as the trained weights too
+        self.kl_ema_params = ([p.detach().clone() for p in self.params]
+                              if self.cfg.method == "awm" and self.cfg.awm.ema_beta > 0 else None)
         self.optimizer_steps = 0
         return self
 
@@ -109,19 +113,23 @@ class ForwardRLRecipe(GRPORecipe):
         self.step_std = self.kind.std(self.table.coeffs(torch.arange(s.num_steps)))
 
     @contextlib.contextmanager
-    def sampling_weights(self):
-        """DiffusionNFT: the old policy's weights swapped into the network (no copy); AWM: as is."""
-        if self.old_params is None:
+    def swapped_weights(self, values: list[torch.Tensor] | None):
+        """``values`` swapped into the trained parameters for the block (no copy); None: as is."""
+        if values is None:
             yield
             return
         current = [p.data for p in self.params]
-        for p, old in zip(self.params, self.old_params):
-            p.data = old
+        for p, v in zip(self.params, values):
+            p.data = v
         try:
             yield
         finally:
             for p, cur in zip(self.params, current):
                 p.data = cur
+
+    def sampling_weights(self):
+        """DiffusionNFT: the old policy's weights swapped into the network (no copy); AWM: as is."""
+        return self.swapped_weights(self.old_params)
 
     # ---- the three replaced parts
     def rollout(self, plan: RolloutPlan, pick: list[int]) -> StepRollout:
@@ -141,24 +149,35 @@ class ForwardRLRecipe(GRPORecipe):
 
     def update(self, model: GuidedModel, adv: ImageAdvantages) -> UpdateStats:
         """Re-noise every image at its training steps; ``inner_epochs`` shuffled passes over the
-        rows, ``updates_per_epoch`` guarded optimizer steps each; then the old-policy decay."""
+        rows (with ``awm.loss_type: sum_first`` whole samples), ``updates_per_epoch`` guarded optimizer
+        steps each; then the old-policy (NFT) or EMA-KL anchor (AWM) decay."""
         cfg = self.cfg
         self.policy.wrapped.train()
-        steps = draw_train_steps(adv.final.shape[0], self.table.num_steps, cfg.forward, self.generator)
-        sample_idx = torch.arange(adv.final.shape[0]).repeat_interleave(steps.shape[1])
+        num_images = adv.final.shape[0]
+        steps = draw_train_steps(num_images, self.table.num_steps, cfg.forward, self.generator)
+        k = steps.shape[1]
+        sample_idx = torch.arange(num_images).repeat_interleave(k)  # rows are sample-major
         rows = NoisedRows(sample_idx.to(self.device), steps.reshape(-1).to(self.device),
                           torch.randn((sample_idx.shape[0], *self.latent_shape), generator=self.generator).to(self.device))
         if cfg.method == "awm" and cfg.inner_epochs * cfg.updates_per_epoch > 1:
             rows.old_log_prob = self._awm_log_probs(model, adv, rows)  # later updates are off-policy
+        whole_samples = cfg.method == "awm" and cfg.awm.loss_type == "sum_first"
         stats = UpdateStats()
         for _epoch in range(cfg.inner_epochs):
-            perm = torch.randperm(sample_idx.shape[0], generator=self.generator).to(self.device)
-            for uidx in torch.tensor_split(perm, cfg.updates_per_epoch):
+            if whole_samples:  # shuffle samples, keep each sample's rows together (one ratio per sample)
+                sperm = torch.randperm(num_images, generator=self.generator)
+                splits = [(s[:, None] * k + torch.arange(k)).reshape(-1).to(self.device)
+                          for s in torch.tensor_split(sperm, cfg.updates_per_epoch)]
+            else:
+                perm = torch.randperm(sample_idx.shape[0], generator=self.generator).to(self.device)
+                splits = torch.tensor_split(perm, cfg.updates_per_epoch)
+            for uidx in splits:
                 if uidx.numel():
                     taken = self.guarded_update(uidx, lambda midx: self.rows_loss(model, adv, rows[midx]), stats)
                     self.optimizer_steps += int(taken)
         self.lr_scheduler.step()
         self._decay_old_policy()
+        self._decay_kl_ema()
         return stats
 
     # ---- pieces of the update
@@ -188,13 +207,20 @@ class ForwardRLRecipe(GRPORecipe):
             w = cfg.awm
             log_prob = awm_log_prob(out, batch.noise, x0, co.sigma, w.weighting, w.ghuber_power)
             old = batch.old_log_prob if batch.old_log_prob is not None else log_prob.detach()
-            loss, metrics = grpo_clip_loss(log_prob, old, self._awm_advantage(a), w.clip_range)
+            loss, metrics = awm_policy_loss(log_prob, old, self._awm_advantage(a), w.clip_range, w.loss_type,
+                                            batch.sample)
         if cfg.forward.kl_beta > 0:
             with torch.no_grad():
                 ref = self.policy.reference_output(self.adapter, model, x_t, t, prompt)
             kl = velocity_kl(out, ref).mean()
             loss = loss + cfg.forward.kl_beta * kl
             metrics["kl"] = kl.detach()
+        if self.kl_ema_params is not None:  # AWM's EMA-KL: towards the lagging EMA copy of the weights
+            with torch.no_grad(), self.swapped_weights(self.kl_ema_params):
+                out_ema = model(x_t, t, prompt, self.policy.module)
+            ema_kl = velocity_kl(out, out_ema).mean()
+            loss = loss + cfg.awm.ema_beta * ema_kl
+            metrics["ema_kl"] = ema_kl.detach()
         return loss, metrics
 
     def _awm_advantage(self, a: torch.Tensor) -> torch.Tensor:
@@ -220,6 +246,19 @@ class ForwardRLRecipe(GRPORecipe):
         for old, p in zip(self.old_params, self.params):
             old.mul_(d).add_(p.detach(), alpha=1.0 - d)
 
+    def kl_ema_decay_now(self) -> float:
+        w = self.cfg.awm
+        return kl_ema_decay(self.optimizer_steps, w.kl_ema_decay, w.kl_ema_decay_type, w.kl_ema_decay_rate)
+
+    @torch.no_grad()
+    def _decay_kl_ema(self) -> None:
+        """AWM: ``theta_ema <- d * theta_ema + (1 - d) * theta`` after the step's updates."""
+        if self.kl_ema_params is None:
+            return
+        d = self.kl_ema_decay_now()
+        for e, p in zip(self.kl_ema_params, self.params):
+            e.mul_(d).add_(p.detach(), alpha=1.0 - d)
+
     def metrics(self, step, plan, plan_info, rolled, adv: ImageAdvantages, stats, train_seconds) -> dict:
         cfg, acc = self.cfg, self.accelerator
         local = {k: v / max(stats.micro_batches, 1) for k, v in stats.sums.items()}
@@ -243,6 +282,8 @@ class ForwardRLRecipe(GRPORecipe):
             n = cfg.nft
             values["old_policy_decay"] = old_policy_decay(self.optimizer_steps, n.old_decay_rate, n.old_decay_cap,
                                                           n.old_decay_delay)
+        if self.kl_ema_params is not None:
+            values["kl_ema_decay"] = self.kl_ema_decay_now()
         return values
 
 

@@ -12,25 +12,35 @@ not used. Two blocks are added:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..config import check
-from ..losses.forward import AWM_WEIGHTINGS
+from ..losses.forward import AWM_LOSS_TYPES, AWM_WEIGHTINGS, KL_EMA_DECAY_TYPES
 from .grpo_config import GRPOConfig
 
 FORWARD_METHODS = ("nft", "awm")
 TIMESTEP_DRAWS = ("per_sample", "stratified")
+FRACTION_MODES = ("count", "range")
 
 
 @dataclass
 class ForwardOptions:
     """Where on the sampling table the clean samples are re-noised for training."""
 
-    # noise levels trained per sample and update (each one forward of the batch). null: every
-    # allowed table step (DiffusionNFT trains int(num_steps * fraction) of them; AWM 6)
+    # noise levels trained per sample and update (each one forward of the batch). null: from
+    # timestep_fraction (fraction_mode count: int(num_steps * fraction); range: every allowed step;
+    # AWM trains 6)
     train_timesteps: int | None = None
-    # allowed steps: the first int(sampler.num_steps * timestep_fraction) of the sampling table
+    # the share of the sampling table trained (see fraction_mode)
     timestep_fraction: float = 1.0
+    # what timestep_fraction limits with timestep_draw per_sample:
+    # count = how many steps each sample trains, int(num_steps * fraction) distinct steps drawn from
+    #   the whole table, less step 0 with skip_first_step (NVlabs/DiffusionNFT scripts/train_nft_sd3.py:
+    #   each sample shuffles all N table steps and trains the first int(N * timestep_fraction), so at
+    #   10 steps and 0.99 every step, the last included, is trained by 9 of 10 samples)
+    # range = which steps: only the first int(num_steps * fraction) table steps can be drawn
+    # stratified draws always cover the range (AWM's "discrete" time types)
+    fraction_mode: str = "count"
     # never train at the first (pure-noise) table step (AWM's "discrete_wo_init")
     skip_first_step: bool = False
     # per_sample: each sample its own random distinct steps (DiffusionNFT: a per-sample shuffle of
@@ -42,6 +52,18 @@ class ForwardOptions:
     sde_rollouts: bool = False
     # weight of mean((v - v_ref)^2) to the reference (LoRA disabled); both releases call it train.beta
     kl_beta: float = 1.0e-4
+
+
+def train_step_pool(num_steps: int, f: ForwardOptions) -> tuple[int, int, int]:
+    """``(first, end, k)``: each sample trains ``k`` table steps drawn from ``[first, end)``."""
+    first = int(f.skip_first_step)
+    if f.timestep_draw == "per_sample" and f.fraction_mode == "count":
+        end = num_steps
+        k = f.train_timesteps or int((end - first) * f.timestep_fraction)
+    else:
+        end = int(num_steps * f.timestep_fraction)
+        k = f.train_timesteps or (end - first)
+    return first, end, k
 
 
 @dataclass
@@ -65,7 +87,8 @@ class NFTOptions:
 
 @dataclass
 class AWMOptions:
-    """Advantage Weighted Matching (Xue et al., 2025), defaults from its SD3.5 GenEval config."""
+    """Advantage Weighted Matching (Xue et al., 2025), defaults from its SD3.5 GenEval config
+    (``scxue/advantage_weighted_matching``, ``config/dgx_awm.py``) except ``ema_beta``."""
 
     # per-sample weighting of the flow-matching error: uniform | t | t2 | huber | ghuber
     weighting: str = "ghuber"
@@ -76,6 +99,19 @@ class AWMOptions:
     # advantages (after advantage.clip) are rescaled to [-advantage_max, advantage_max]
     # (release: advantage_max 1 with adv_clip_max 5); null: no rescaling
     advantage_max: float | None = 1.0
+    # exp_first: one ratio per (sample, timestep) row (every release config) | sum_first: one ratio
+    # per sample, of its log-likelihoods averaged over its training timesteps (the release's other
+    # train.loss_type); needs train_batch_size to be a multiple of the timesteps per sample
+    loss_type: str = "exp_first"
+    # weight of the EMA-KL term mean((v - v_ema)^2), v_ema from an EMA copy of the trained weights
+    # (the release's train.ema_beta with kl_ema_weight 'Uniform': 1 in all its SD3.5 configs; the
+    # release adds the term only when train.beta > 0). 0: off (no EMA copy, no extra forward)
+    ema_beta: float = 0.0
+    # that EMA copy's decay after each update: linear = min(kl_ema_decay, kl_ema_decay_rate * updates)
+    # | constant = kl_ema_decay (release: kl_ema_decay_type linear, kl_ema_decay 0.3, rate 0.001)
+    kl_ema_decay: float = 0.3
+    kl_ema_decay_type: str = "linear"
+    kl_ema_decay_rate: float = 0.001
 
 
 @dataclass
@@ -101,13 +137,15 @@ class ForwardRLConfig(GRPOConfig):
         f = self.forward
         check(f.train_timesteps is None or f.train_timesteps >= 1, "forward.train_timesteps", "must be >= 1 or null")
         check(0 < f.timestep_fraction <= 1, "forward.timestep_fraction", "must be in (0, 1]")
-        allowed = int(self.sampler.num_steps * f.timestep_fraction) - int(f.skip_first_step)
-        check(allowed >= 1, "forward.timestep_fraction",
-              f"leaves no table step to train on (sampler.num_steps={self.sampler.num_steps}, "
-              f"skip_first_step={f.skip_first_step})")
-        check(f.train_timesteps is None or f.timestep_draw == "stratified" or f.train_timesteps <= allowed,
-              "forward.train_timesteps", f"at most {allowed} distinct steps are allowed per sample")
         check(f.timestep_draw in TIMESTEP_DRAWS, "forward.timestep_draw", f"must be one of {', '.join(TIMESTEP_DRAWS)}")
+        check(f.fraction_mode in FRACTION_MODES, "forward.fraction_mode", f"must be one of {', '.join(FRACTION_MODES)}")
+        first, end, k = train_step_pool(self.sampler.num_steps, f)
+        by_fraction = train_step_pool(self.sampler.num_steps, replace(f, train_timesteps=None))[2]
+        check(end - first >= 1 and by_fraction >= 1, "forward.timestep_fraction",
+              f"leaves no table step to train on (sampler.num_steps={self.sampler.num_steps}, "
+              f"skip_first_step={f.skip_first_step}, fraction_mode={f.fraction_mode})")
+        check(f.train_timesteps is None or f.timestep_draw == "stratified" or f.train_timesteps <= end - first,
+              "forward.train_timesteps", f"at most {end - first} distinct steps are allowed per sample")
         check(f.kl_beta >= 0, "forward.kl_beta", "must be >= 0")
         n = self.nft
         check(n.beta > 0, "nft.beta", "must be > 0")
@@ -123,3 +161,13 @@ class ForwardRLConfig(GRPOConfig):
         check(a.advantage_max is None or a.advantage_max > 0, "awm.advantage_max", "must be > 0 or null")
         check(a.advantage_max is None or self.advantage.clip is not None, "awm.advantage_max",
               "rescales advantage.clip to advantage_max: set advantage.clip too (release: 5)")
+        check(a.loss_type in AWM_LOSS_TYPES, "awm.loss_type", f"must be one of {', '.join(AWM_LOSS_TYPES)}")
+        micro = self.train_batch_size or self.batch_size
+        check(self.method != "awm" or a.loss_type != "sum_first" or micro % k == 0, "train_batch_size",
+              f"awm.loss_type sum_first takes a ratio over all {k} timesteps of a sample, so a micro-batch "
+              f"must hold whole samples: use a multiple of {k} (now {micro})")
+        check(a.ema_beta >= 0, "awm.ema_beta", "must be >= 0")
+        check(0 <= a.kl_ema_decay < 1, "awm.kl_ema_decay", "must be in [0, 1)")
+        check(a.kl_ema_decay_type in KL_EMA_DECAY_TYPES, "awm.kl_ema_decay_type",
+              f"must be one of {', '.join(KL_EMA_DECAY_TYPES)}")
+        check(a.kl_ema_decay_rate >= 0, "awm.kl_ema_decay_rate", "must be >= 0")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -45,8 +46,9 @@ from ..config import ConfigError, check
 from ..logging import is_quiet
 from ..losses.grpo import gaussian_kl_same_std, grpo_clip_loss, ratio_norm_log_ratio
 from ..pipelines import (
-    GuidedModel, Rollout, RolloutPlan, cat_rollouts, full_plan, make_ode_solver, make_step_kind, post_window_compressed, rollout,
-    sample, sampling_table, split_prediction, time_shift_table, tree_plan, window_plan, window_start, window_stop,
+    GuidedModel, Rollout, RolloutPlan, SamplingTable, cat_rollouts, full_plan, make_ode_solver, make_step_kind,
+    post_window_compressed, rollout, sample, sampling_table, split_prediction, time_shift_table, tree_plan, window_plan,
+    window_start, window_stop,
 )
 from .advantages import rollout_advantages, zero_std_group_fraction
 from .checkpoint import Checkpointer
@@ -57,6 +59,7 @@ from .common import (
     setup_accelerator,
 )
 from .grpo_config import GRPOConfig
+from .rundir import fix_safetensors_modes
 from .grpo_rewards import BUILTIN_PROMPTS, load_prompts, resolve_reward, reward_scores, score_images  # noqa: F401
 from ..optim_step import count_nonfinite, guarded_backward, guarded_step
 
@@ -197,6 +200,7 @@ class GRPORecipe:
         """The ODE solver, the rollout sampling table, the latent shape and the CFG conditioning."""
         s = self.cfg.sampler
         self.solver = make_ode_solver(s.ode_solver)
+        self.pre_solver = make_ode_solver(s.pre_window_solver) if s.pre_window_solver else None
         if s.sigma_schedule == "time_shift":
             check(self.adapter.is_flow, "sampler.sigma_schedule", "time_shift is a rectified-flow table (flow models only)")
             self.table = time_shift_table(s.num_steps, s.shift, self.adapter.num_train_timesteps)
@@ -211,7 +215,13 @@ class GRPORecipe:
         cfg = self.cfg
         progress = tqdm(range(self.start_step, cfg.max_steps + 1), desc=cfg.method,
                         disable=not self.accelerator.is_main_process or is_quiet())
+        self.best_value = self.previous_best()
         try:
+            if cfg.eval.at_start and self.start_step == 1 and cfg.eval.every >= 0 and cfg.eval.num_prompts > 0:
+                # step 0: the starting model on the fixed eval prompts (the origin of a reward-against-time curve)
+                start = self.evaluate(self.eval_prompts, self.eval_metadata)
+                self.keep_if_best(0, start)
+                self.logger.log(0, start)
             for step in progress:
                 timer = Timer()
                 # window positions: a function of (seed, step) alone, identical on all ranks and after a resume
@@ -225,6 +235,7 @@ class GRPORecipe:
                 values = self.metrics(step, plan, plan_info, rolled, adv, stats, train_seconds)
                 if self.eval_due(step):
                     values.update(self.evaluate(self.eval_prompts, self.eval_metadata))
+                    self.keep_if_best(step, values)
                 values["step_seconds"] = rolled.timings["rollout_seconds"] + train_seconds + timer.lap()
                 self.log(step, values, progress)
                 self.ckpt.maybe_save(step, {"nonfinite_in_a_row": self.nonfinite_in_a_row}, 0)
@@ -254,9 +265,7 @@ class GRPORecipe:
         prompts = [self.prompts[i] for i in pick]
         meta = [self.metadata[i] for i in pick] if self.metadata else None
         model = GuidedModel(self.adapter, self.adapter.encode_prompt(prompts), self.uncond, s.guidance_scale)
-        table = self.table
-        if cfg.schedule.kind == "window" and cfg.schedule.window.post_window_ratio is not None:  # MixGRPO-Flash
-            table, plan = post_window_compressed(self.table, plan, cfg.schedule.window.post_window_ratio)
+        table, plan = rollout_table(cfg, self.table, plan, self.adapter.num_train_timesteps)
         roots_per_prompt = cfg.group_size // plan.leaves_per_root
         per_batch = cfg.batch_size // cfg.group_size
         parts, pending = [], []
@@ -264,7 +273,8 @@ class GRPORecipe:
             pidx = torch.arange(p0, p0 + per_batch).repeat_interleave(roots_per_prompt)
             noise = initial_noise(per_batch, roots_per_prompt, self.latent_shape, s.shared_noise, gen)
             part = rollout(model, table, plan, self.kind, noise.to(self.device), pidx.to(self.device),
-                           generator=gen, solver=self.solver, reduction=s.logprob_reduction, net=self.policy.module)
+                           generator=gen, solver=self.solver, reduction=s.logprob_reduction, net=self.policy.module,
+                           pre_solver=self.pre_solver)
             rows = part.prompt_index.tolist()
             scored_latents = part.last_x0 if cfg.reward_on == "x0_last" else part.final
             args = (self.adapter, scored_latents, [prompts[i] for i in rows], [meta[i] for i in rows] if meta else None,
@@ -400,6 +410,39 @@ class GRPORecipe:
             "try a lower optim.learning_rate, mixed_precision=no/bf16, or a smaller sampler.noise_level")
 
     # ---- evaluation, metrics, outputs
+    def keep_if_best(self, step: int, evaluated: dict) -> None:
+        """``eval.keep_best``: save the evaluated weights (the EMA's, if any) to ``output_dir/best`` when
+        their ``eval_reward/NAME`` on the fixed eval prompts is the highest so far (``best/best.json``
+        says which step). A checkpoint chosen on the eval prompts, never on a test split."""
+        name = self.cfg.eval.keep_best
+        if not name:
+            return
+        value = float(evaluated["eval_reward_mean" if name == "eval_reward_mean" else f"eval_reward/{name}"])
+        if self.best_value is not None and self.best_value >= value:  # the same on every rank: no rank waits alone
+            return
+        self.best_value = value
+        best = Path(self.cfg.output_dir) / "best"
+        if self.accelerator.is_main_process:
+            best.mkdir(parents=True, exist_ok=True)
+            with ema_weights(self.ema):
+                self.adapter.save_lora(str(best), self.accelerator.unwrap_model(self.policy.wrapped))
+            fix_safetensors_modes(best)
+            (best / "best.json").write_text(json.dumps({"step": step, "reward": name, "value": value}))
+        self.accelerator.wait_for_everyone()
+
+    def previous_best(self) -> float | None:
+        """The best ``eval.keep_best`` value of this run so far: None on a fresh start (an earlier run's
+        ``best/`` is removed), the saved one when resuming."""
+        best = Path(self.cfg.output_dir) / "best"
+        if not self.cfg.eval.keep_best:
+            return None
+        if self.start_step > 1 and (best / "best.json").is_file():
+            return float(json.loads((best / "best.json").read_text())["value"])
+        if self.accelerator.is_main_process and best.exists():
+            shutil.rmtree(best)
+        self.accelerator.wait_for_everyone()
+        return None
+
     def eval_due(self, step: int) -> bool:
         ev = self.cfg.eval
         return ev.every >= 0 and ev.num_prompts > 0 and (step == self.cfg.max_steps or (ev.every > 0 and step % ev.every == 0))
@@ -499,6 +542,19 @@ def make_plan(cfg: GRPOConfig, iteration: int, generator: torch.Generator) -> tu
         return window_plan(s.num_steps, start, stop - start), {"window_start": start}
     t = sch.tree
     return tree_plan(s.num_steps, t.branch_steps, t.branch_factor, t.sde_between, t.split_noise_scale), {}
+
+
+def rollout_table(cfg: GRPOConfig, table: SamplingTable, plan: RolloutPlan,
+                  num_train_timesteps: int = 1000) -> tuple[SamplingTable, RolloutPlan]:
+    """The table and plan a training rollout runs: ``(table, plan)`` unchanged, or with MixGRPO-Flash
+    (``schedule.window.post_window_ratio``) the post-window steps compressed by
+    :func:`~diffalign.pipelines.post_window_compressed`: on a ``time_shift`` table at the release's
+    time-shifted points, ``post_window_to_zero`` choosing whether a rollout always ends at sigma 0."""
+    w = cfg.schedule.window
+    if cfg.schedule.kind != "window" or w.post_window_ratio is None:
+        return table, plan
+    shift = cfg.sampler.shift if cfg.sampler.sigma_schedule == "time_shift" else None
+    return post_window_compressed(table, plan, w.post_window_ratio, shift, num_train_timesteps, w.post_window_to_zero)
 
 
 def select_fraction(trans: dict, fraction: float, generator: torch.Generator, first: bool = False,

@@ -46,6 +46,10 @@ class SamplerOptions:
     noise_level: float | None = None
     # deterministic steps (outside the window, between branches, eval): euler | heun | dpm2m
     ode_solver: str = "euler"
+    # the deterministic steps before a rollout's first stochastic step (before MixGRPO's window): null (ode_solver) |
+    # euler | heun | dpm2m. MixGRPO-Flash (Tencent-Hunyuan/MixGRPO fastvideo/utils/sampling_utils.py run_sample_step,
+    # dpm_apply_strategy post) takes Euler steps before the window and DPM-Solver++(2M) only after it: euler
+    pre_window_solver: str | None = None
     # image side in pixels (a multiple of 8)
     resolution: int = 512
     # one initial noise per prompt group (DanceGRPO; TempFlow's seed groups)
@@ -85,11 +89,17 @@ class WindowOptions:
     # stochastic) | wrap (every window has `size` steps; the last start is num_steps - size, which trains
     # the last step; diffalign's convention before issue 14)
     sweep_end: str = "truncate"
-    # MixGRPO-Flash (train_grpo_flux.py --dpm_post_compress_ratio 0.4 with --dpm_algorithm_type dpmsolver++,
-    # --dpm_apply_strategy post): the ODE steps after the window are replaced by int(r * ratio) - 1 steps (r: steps
-    # after the window; at least 1) on the table's grid subsampled evenly, and the DPM-Solver++(2M) history
-    # (x0 of the last window step) is carried across the window into them. null: off. Needs ode_solver: dpm2m
+    # MixGRPO-Flash (Tencent-Hunyuan/MixGRPO fastvideo/utils/sampling_utils.py run_sample_step with
+    # --dpm_post_compress_ratio 0.4, --dpm_algorithm_type dpmsolver++, --dpm_apply_strategy post): after the window's
+    # last step L come int(max((N - L) * ratio, 1)) sigma points (N steps), sigma_{L+1} first: with sigma_schedule
+    # time_shift the release's points (shift applied to linspace(u_{L+1}, 0, points) in unshifted time), otherwise
+    # the table's grid subsampled evenly; the DPM-Solver++(2M) history (x0 of step L) is carried across the window
+    # into them. null: off. Needs ode_solver: dpm2m
     post_window_ratio: float | None = None
+    # true: at least one ODE step after the window, so every rollout ends at sigma 0. false (the release,
+    # Tencent-Hunyuan/MixGRPO sampling_utils.py): with fewer than 2 points (late windows, e.g. L >= 21 of 25 at
+    # ratio 0.4) no step follows the window and the rollout ends, and is scored, at sigma_{L+1} > 0
+    post_window_to_zero: bool = True
 
 
 @dataclass
@@ -129,7 +139,8 @@ class ScheduleOptions:
 
     # full (every step) | window (MixGRPO) | tree (BranchGRPO / TempFlow-GRPO)
     kind: str = "full"
-    # train on a fraction of each row's stochastic steps (DanceGRPO 0.6, flow_grpo 0.99)
+    # train on a fraction of each row's stochastic steps (DanceGRPO 0.6, flow_grpo 0.99; MixGRPO's "part" windows
+    # and BranchGRPO's trees train every one: 1.0, whatever their scripts' --timestep_fraction)
     timestep_fraction: float = 1.0
     # which steps that fraction keeps: random (DanceGRPO: a random subset per row, round(N * f)) |
     # first (flow_grpo's train_sd3.py: the first int(N * f) steps of the trajectory, in sampling order;
@@ -216,6 +227,13 @@ class EvalOptions:
     # rewards watched at evaluation besides the training ones (a reward-hacking guard, e.g. train on
     # pickscore, watch hpsv2 and aesthetic): logged as eval_reward/NAME, plotted in reward_curve.png
     rewards: list[RewardSpec] = field(default_factory=list)
+    # also evaluate the starting weights, before the first update (logged as step 0): the origin of
+    # reward-against-time curves (testbed-compare's efficiency race)
+    at_start: bool = False
+    # save the weights of the evaluation with the highest eval_reward/NAME (a training or eval.rewards
+    # reward name, or eval_reward_mean) to output_dir/best (LoRA only): a checkpoint chosen on the eval
+    # prompts, e.g. where a learned reward is over-optimised; null: keep the final weights only
+    keep_best: str | None = None
 
 
 @dataclass
@@ -299,6 +317,8 @@ def _validate_sampler(s: SamplerOptions) -> None:
     check(s.noise_level is None or s.noise_level >= 0, "sampler.noise_level", "must be >= 0")
     check(s.noise_level is None or s.step not in ("cps",) or s.noise_level <= 1, "sampler.noise_level", "cps needs eta in [0, 1]")
     check(s.ode_solver in ODE_SOLVERS, "sampler.ode_solver", f"must be one of {', '.join(ODE_SOLVERS)}")
+    check(s.pre_window_solver is None or s.pre_window_solver in ODE_SOLVERS, "sampler.pre_window_solver",
+          f"must be null or one of {', '.join(ODE_SOLVERS)}")
     check(s.resolution >= 8 and s.resolution % 8 == 0, "sampler.resolution", "must be a positive multiple of 8")
     check(s.logprob_reduction in REDUCTIONS, "sampler.logprob_reduction", "must be mean or sum")
     check(s.cps_logprob in LOG_PROB_FORMS, "sampler.cps_logprob", f"must be one of {', '.join(LOG_PROB_FORMS)}")
@@ -379,4 +399,10 @@ def _validate_rewards_and_eval(c: GRPOConfig) -> None:
     check(c.prompt_sampling in PROMPT_SAMPLINGS, "prompt_sampling", f"must be one of {', '.join(PROMPT_SAMPLINGS)}")
     check(c.eval.every >= -1, "eval.every", "must be >= -1")
     check(c.eval.num_prompts >= 0, "eval.num_prompts", "must be >= 0")
+    check(c.eval.keep_best is None or c.lora.rank > 0, "eval.keep_best", "keeps LoRA weights: needs lora.rank > 0")
+    check(c.eval.keep_best is None or (c.eval.every >= 0 and c.eval.num_prompts > 0), "eval.keep_best",
+          "needs evaluations (eval.every >= 0 and eval.num_prompts > 0)")
+    names = {r.name for r in c.rewards} | {r.name for r in c.eval.rewards} | {"eval_reward_mean"}
+    check(c.eval.keep_best is None or c.eval.keep_best in names, "eval.keep_best",
+          f"{c.eval.keep_best!r} is not a reward of this run (one of {', '.join(sorted(names))})")
 

@@ -10,8 +10,9 @@ computed on the whole tree first; pruning only drops transitions from the update
   (BranchGRPO's "last layer": parent step > last split step): ``per_branch`` (mode 1) keeps, for
   each node of the last branch, the best ``max(1, int(n * ratio))`` of its transitions by advantage;
   ``best_worst`` (mode 2) keeps the best ``keep // 2`` and the worst ``keep - keep // 2`` of all of
-  them, ``keep = max(2, int(n * ratio))``. Ties keep sampling order (stable sorts), as the reference's
-  Python ``sorted`` does.
+  them, ``keep = max(2, int(n * ratio))``. Ties keep the reference's list order (its Python ``sorted``
+  is stable): ``collect_all_transitions`` walks each tree depth-first, so the last layer comes chain by
+  chain (trees in prompt order, a node's children in creation order), each chain in step order.
 """
 
 from __future__ import annotations
@@ -41,9 +42,13 @@ def tree_pruning_mask(step: torch.Tensor, depth: torch.Tensor, node: torch.Tenso
         keep &= step != s
     if width == "none":
         return keep
-    last = torch.nonzero(keep & (step > last_branch_step)).flatten()  # in sampling order
+    last = torch.nonzero(keep & (step > last_branch_step)).flatten()
     if last.numel() == 0:
         return keep
+    # the reference's depth-first order: chain by chain (node at the last depth; children of node p are
+    # p * k + j, so node order is the depth-first leaf order), each chain in step order
+    chain = depth[last] * (int(node.max()) + 1) + node[last]
+    last = last[torch.argsort(chain * (int(step.max()) + 1) + step[last], stable=True)]
     keep[last] = False
     if width == "per_branch":
         group = depth[last] * (int(node.max()) + 1) + node[last]
