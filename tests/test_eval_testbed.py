@@ -83,7 +83,7 @@ def test_reward_model_pairs_are_split_by_prompt_and_never_from_eval_prompts(tmp_
     from diffalign.testbed.prompts import job_prompt_splits, scene_key
 
     splits = job_prompt_splits(40, 16, 8, n_curve=8)
-    make_pairs(world_sampler(), splits["train"], 60, seed=0, out_path=tmp_path / "pairs" / "train-0.parquet")
+    make_pairs(world_sampler, splits["train"], 60, seed=0, out_path=tmp_path / "pairs" / "train-0.parquet")
     counts = split_reward_model_pairs(tmp_path / "pairs", tmp_path / "rm", val_fraction=0.3)
     train = pq.read_table(tmp_path / "rm" / "train.parquet").column("caption").to_pylist()
     val = pq.read_table(tmp_path / "rm" / "val.parquet").column("caption").to_pylist()
@@ -208,7 +208,11 @@ def test_testbed_compare_quick_budget(tmp_path):
     # labels and reward calls: 16 labelled pairs for the pair rows and the RLHF row, 2 steps x 4 samples online
     consumed = {r["method"]: r["consumed"] for r in res["headline"]}
     assert consumed["dpo"] == "16 labels" and consumed["grpo"] == "8 testbed_style calls"
-    assert consumed["grpo_rm"] == "16 labels; 8 learned-reward calls"
+    # the RLHF row's checkpoint is chosen on the eval prompts: 3 evaluations (steps 0, 1, 2) x 4 prompts of the taste
+    assert consumed["grpo_rm"] == "16 labels; 8 learned-reward calls; 12 testbed_style calls to choose the checkpoint"
+    best = json.loads((tmp_path / "tb" / "runs" / "grpo_rm" / "best" / "best.json").read_text())
+    assert best["reward"] == "testbed_style" and 0 <= best["step"] <= 2
+    assert f"judged at step {best['step']}" in text
     # the efficiency race: every online row on the taste, with a step-0 evaluation as the origin
     race = {r["method"]: r for r in res["race"]}
     assert set(race) == {"grpo", "mixgrpo", "nft", "grpo_rm"}

@@ -291,6 +291,12 @@ def evaluated_weights(m: JobMethod, run_dir: Path) -> Path:
     return run_dir / "best" if m.reward == REWARD_MODEL else run_dir
 
 
+def eval_seeds(b: dict, split: str, base_kind: str) -> int:
+    """Images per caption of a split for the rows of one base (``{kind}_{split}_seeds``, else
+    ``{split}_seeds``): a base and its rows always share them, so every comparison stays paired."""
+    return int(b.get(f"{base_kind}_{split}_seeds", b[f"{split}_seeds"]))
+
+
 def expected_seconds(b: dict, name: str, kind: str, default: float) -> float:
     """A task's expected seconds on the reference machine: ``seconds`` in the budget (measured,
     see job.yaml), else ``default``."""
@@ -372,9 +378,9 @@ def run_testbed_compare(out: str, budget: str = "quick", methods: list[str] | No
     base_kinds = sorted({table[m].base for m in wanted})
     evals: dict[tuple[str, str], str] = {}
     for split in SPLITS:
-        seeds = int(b[f"{split}_seeds"])
         for who in [f"base_{k}" for k in base_kinds] + wanted:
             kind = who[5:] if who.startswith("base_") else table[who].base
+            seeds = eval_seeds(b, split, kind)
             ev_dir = out_dir / "eval" / split / who
             kw = {**eval_common, "seeds": seeds, "model": bases[kind], "prompts": files[split], "out": str(ev_dir),
                   "label": who, "lora": None if who.startswith("base_") else str(evaluated_weights(table[who], out_dir / "runs" / who))}
