@@ -21,8 +21,19 @@ COMMAND_MODULES = [
 ]
 
 
+def package_version() -> str:
+    """The installed distribution's version (a source checkout that was never installed says so)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("diffalign")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffalign", description="Align diffusion and flow models with human preferences.")
+    parser.add_argument("--version", action="version", version=f"diffalign {package_version()}")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error instead of one line (also: DIFFALIGN_DEBUG=1)")
     noise = parser.add_mutually_exclusive_group()

@@ -9,6 +9,7 @@ dotted key, with the valid keys listed where that helps.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -132,8 +133,22 @@ class BaseTrainConfig:
                f"overwrite=true starts over and resume={self.resume} continues: set only one of them")
         check(self.lora.rank >= 0, "lora.rank", "must be >= 0 (0 = full fine-tuning)")
         check(self.optim.learning_rate > 0, "optim.learning_rate", "must be > 0")
+        check(self.optim.lr_scheduler in LR_SCHEDULERS, "optim.lr_scheduler", f"must be one of {', '.join(LR_SCHEDULERS)}")
+        check(self.report_to in REPORT_TO, "report_to", f"must be one of {', '.join(REPORT_TO)}")
+        trackers = {"none": (), "all": tuple(TRACKER_PACKAGES)}.get(self.report_to, (self.report_to,))
+        for tracker in trackers:  # accelerate only warns when a tracker's package is missing, and logs nothing
+            package = TRACKER_PACKAGES[tracker]
+            check(importlib.util.find_spec(package) is not None, "report_to",
+                  f"{tracker} is not installed (pip install 'diffalign[tracking]' or {package})")
         check(self.model_opts.timestep_sampling in ("uniform", "logit_normal", "mode"),
                "model_opts.timestep_sampling", "must be uniform, logit_normal or mode")
+
+
+# diffusers.optimization.get_scheduler's names (SchedulerType)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "piecewise_constant")
+REPORT_TO = ("none", "tensorboard", "wandb", "all")
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
 def check(ok: bool, key: str, msg: str) -> None:

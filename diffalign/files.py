@@ -23,6 +23,16 @@ def world_readable(path: str | Path) -> None:
         os.chmod(path, 0o666 & ~_UMASK)
 
 
+def fix_safetensors_modes(root: str | Path) -> None:
+    """Give ``root`` (a ``.safetensors`` file, or every one under a directory) the mode of the other
+    files we write: safetensors keeps the 0600 of its private temporary file."""
+    root = Path(root)
+    files = [root] if root.is_file() else root.rglob("*.safetensors")
+    for f in files:
+        if f.suffix == ".safetensors":
+            world_readable(f)
+
+
 def save_safetensors(tensors: dict, path: str | Path) -> None:
     """``safetensors.torch.save_file`` with the usual file mode."""
     from safetensors.torch import save_file

@@ -351,3 +351,20 @@ def test_workers_stop_when_the_job_process_is_killed(tmp_path):
         time.sleep(0.2)
     os.kill(worker, signal.SIGKILL)
     pytest.fail(f"worker {worker} outlived the killed job")
+
+
+@pytest.mark.slow
+def test_long_budget_methods_run_end_to_end(tmp_path):
+    """The methods `long` adds (AWM, DanceGRPO, BranchGRPO, DDPO in the race; the faithfulness-only
+    rows) run through the job on the quick budget's settings; the report states the bound for the
+    faithfulness-only rows and claims no gain for them."""
+    from diffalign.testbed.job import run_testbed_compare
+
+    methods = ["grpo", "awm", "dancegrpo", "branchgrpo", "ddpo", "grpo_faith"]
+    res = run_testbed_compare(str(tmp_path / "tb"), budget="quick", methods=methods, workers=2, log=lambda s: None)
+    assert res["status"] == {m: "ok" for m in methods}
+    assert {r["method"] for r in res["race"]} == {"grpo", "awm", "dancegrpo", "branchgrpo", "ddpo"}
+    faith = next(r for r in res["headline"] if r["method"] == "grpo_faith")
+    assert faith["target"] == "testbed" and not faith["faithfulness_falls"]
+    text = (tmp_path / "tb" / "report" / "report.md").read_text()
+    assert "Rows judged on faithfulness alone" in text and "No gain is claimed for them" in text

@@ -109,3 +109,13 @@ def test_explicit_bad_resume_path_is_an_error(tiny_model, toy_pairs, tmp_path):
     with pytest.raises(UserError, match="resume"):
         train(load_config(ROOT / "diffalign/configs/tiny/sft.yaml",
                           _overrides(tiny_model("sd15"), toy_pairs, tmp_path / "x", 2, f"resume={tmp_path / 'nope'}")))
+
+
+def test_resume_latest_without_a_checkpoint_says_it_starts_over(tiny_model, toy_pairs, tmp_path, capsys):
+    """``resume=latest`` on a directory with no checkpoint trains from step 1 and says so (issue #29, item 5)."""
+    out = tmp_path / "fresh"
+    train(load_config(ROOT / "diffalign/configs/tiny/sft.yaml",
+                      _overrides(tiny_model("sd15"), toy_pairs, out, 1, "resume=latest")))
+    said = capsys.readouterr().out
+    assert f"resume=latest: no checkpoint in {out / 'checkpoints'}; training from step 1" in said
+    assert [r["step"] for r in _metrics(out)] == [1]

@@ -61,7 +61,10 @@ def cmd_tiny_model(args) -> int:
         raise UserError(f"unknown KIND {args.kind!r}; choose one of: {', '.join(builders)}")
     t0 = time.perf_counter()
     path = builders[args.kind](args.dir, seed=args.seed)
+    from ..files import fix_safetensors_modes
     from ..models.tiny import dir_size_mb
+
+    fix_safetensors_modes(path)  # weights readable like every other file we write, not 0600
 
     print(f"wrote tiny {args.kind} to {path} ({dir_size_mb(path):.1f} MB, {time.perf_counter() - t0:.1f}s)")
     return 0

@@ -157,8 +157,33 @@ def load_pipeline(model: str, lora: str | None = None, device: str = "cpu"):
 
         with library_call(TEXT_ENCODER_LORA_NOTICE):  # our LoRAs train the denoiser only
             pipe.load_lora_weights(lora)
+        check_lora_fits(pipe, Path(lora), model)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def check_lora_fits(pipe, lora_dir: Path, model: str) -> None:
+    """A LoRA whose layers the model does not have is an error, not a no-op: diffusers skips keys it
+    cannot place, and the 'fine-tuned' images would be the base's, byte for byte."""
+    from safetensors import safe_open
+
+    files = sorted(lora_dir.glob("*.safetensors"))
+    expected = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            expected += sum(1 for k in st.keys() if "lora_A" in k or "lora_down" in k or "lora.down" in k)
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    placed = sum(1 for n, _ in denoiser.named_parameters() if "lora_A" in n) if denoiser is not None else 0
+    if expected and placed < expected:
+        trained_on = ""
+        cfg = lora_dir / "config.yaml"
+        if cfg.is_file():
+            import yaml
+
+            base = (yaml.safe_load(cfg.read_text()) or {}).get("model")
+            trained_on = f" (it was trained on {base})" if base else ""
+        raise UserError(f"--lora {lora_dir}: {expected - placed} of its {expected} LoRA layers have no place in {model}"
+                        f"{trained_on}; pass the base model it was trained on")
 
 
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance: float, resolution: int | None,

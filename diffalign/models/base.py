@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 
 Cond = dict[str, torch.Tensor]
 
@@ -277,6 +277,14 @@ class DiffusionAdapter:
         from peft import LoraConfig
 
         targets = list(opts.target_modules) if opts.target_modules else list(self.default_lora_targets)
+        if opts.target_modules:  # peft skips a target that matches no layer (and fails only when none does)
+            names = [n for n, _ in self.denoiser.named_modules() if n]
+            missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+            if missing:
+                leaves = sorted({n.rsplit(".", 1)[-1] for n, m in self.denoiser.named_modules()
+                                 if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))})
+                raise ConfigError(f"config key 'lora.target_modules': {', '.join(missing)} match no layer of "
+                                  f"{type(self.denoiser).__name__} (layer names: {', '.join(leaves[:30])})")
         config = LoraConfig(
             r=opts.rank,
             lora_alpha=opts.alpha if opts.alpha is not None else opts.rank,

@@ -120,7 +120,7 @@ class Flux2Adapter(FluxAdapter):
     # ----------------------------------------------------------------------- forward
     def predict(self, x_t, timesteps, cond: Cond, denoiser: Any = None) -> torch.Tensor:
         net = denoiser if denoiser is not None else self.denoiser
-        dtype = next(self.denoiser.parameters()).dtype
+        dtype = next(net.parameters()).dtype  # the called network's: the frozen bf16 reference is not the fp32 policy
         b, c, h, w = x_t.shape
         text = cond["encoder_hidden_states"]
         with self.attention_context():

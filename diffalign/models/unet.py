@@ -59,7 +59,7 @@ class UNetAdapter(DiffusionAdapter):
 
     def predict(self, x_t, timesteps, cond: Cond, denoiser: Any = None) -> torch.Tensor:
         net = denoiser if denoiser is not None else self.denoiser
-        dtype = next(self.denoiser.parameters()).dtype
+        dtype = next(net.parameters()).dtype  # the called network's: the frozen bf16 reference is not the fp32 policy
         with self.attention_context():
             return net(
                 x_t.to(dtype),

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import UserError
 from .base import Reward, RewardOutput, pil_to_tensor, to_image_tensor
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
@@ -465,7 +466,10 @@ class _Handler(BaseHTTPRequestHandler):
 # --------------------------------------------------------------------------------------------
 
 
-class RemoteRewardError(RuntimeError):
+class RemoteRewardError(UserError, RuntimeError):
+    """The reward server refused a request or could not be reached: one clear line (exit code 2 from
+    the command line), never a traceback and never a silent zero score."""
+
     def __init__(self, status: int, message: str, url: str):
         super().__init__(f"reward server {url} answered {status}: {message}")
         self.status = status

@@ -28,6 +28,7 @@ import torch
 
 from ..config import ConfigError, deep_merge, from_dict, load_yaml, parse_overrides, save_config
 from ..errors import UserError
+from ..files import fix_safetensors_modes
 from .pairs import iter_pair_batches, pairwise_accuracy
 
 
@@ -263,6 +264,7 @@ def train_reward(cfg: RewardTrainConfig, log=print) -> dict:
     load_pretrained(CLIPImageProcessor.from_pretrained, proc_src, "train-reward", "processor=/path").save_pretrained(str(out))
     load_pretrained(AutoTokenizer.from_pretrained, proc_src, "train-reward", "processor=/path").save_pretrained(str(out))
     save_config(cfg, out / "train_reward_config.yaml")
+    fix_safetensors_modes(out)
     metrics = {
         "val_accuracy_initial": initial["accuracy"],
         "val_accuracy": history[-1]["accuracy"],

@@ -271,7 +271,10 @@ class Checkpointer:
         if not self.cfg.resume:
             return 1, {}
         found = find_resumable(self.cfg.output_dir, self.cfg.resume, self.accelerator.num_processes, self.cfg)
-        if found is None:  # resume=latest on a fresh output_dir: start from scratch
+        if found is None:  # resume=latest on a fresh output_dir: start from scratch, and say so
+            if self.accelerator.is_main_process:
+                print(f"resume={self.cfg.resume}: no checkpoint in {Path(self.cfg.output_dir) / 'checkpoints'}; "
+                      "training from step 1")
             return 1, {}
         path, state = found
         data_state = restore(state, self.accelerator, self.accelerator.unwrap_model(self.module),

@@ -34,7 +34,7 @@ import socket
 import sys
 import threading
 
-from ..files import world_readable
+from ..files import fix_safetensors_modes, world_readable
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -393,14 +393,6 @@ def interrupted_error(step: int, checkpoint: Path | None) -> Interrupted:
 
 
 # ------------------------------------------------------------------------------------ files
-
-
-def fix_safetensors_modes(root: str | Path) -> None:
-    root = Path(root)
-    files = [root] if root.is_file() else root.rglob("*.safetensors")
-    for f in files:
-        if f.suffix == ".safetensors":
-            world_readable(f)
 
 
 __all__ = ["acquire_lock", "release_lock", "check_output_dir", "start_run", "prepare_output_dir", "run_guard",
