@@ -38,6 +38,11 @@ def configure(quiet: bool = False, verbose: bool = False) -> None:
         os.environ[QUIET_ENV] = "1"
         os.environ["TQDM_DISABLE"] = "1"  # read by every tqdm bar, the libraries' included
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # "Generating train split"
+        # the libraries' own warnings at import and load time (e.g. transformers' "requires torchvision"
+        # fallback notice on every model load): read when the library is first imported, so set here
+        for lib in ("TRANSFORMERS", "DIFFUSERS"):
+            os.environ.setdefault(f"{lib}_VERBOSITY", "error")
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
 

@@ -119,3 +119,85 @@ def test_a_reward_server_that_is_down_is_one_line(tmp_path, capsys):
     err = _one_line_error(capsys, ["-q", "score", "--reward", f"remote=http://127.0.0.1:{port}", "--images",
                                    str(tmp_path / "imgs"), "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "s.csv")])
     assert f"reward server http://127.0.0.1:{port}" in err and "no answer" in err
+
+
+@pytest.mark.parametrize("model", ["./NoSuchModel", "outputs/tiny/no-such-model"])
+def test_a_missing_local_model_is_a_missing_directory_not_a_hub_lookup(model, tmp_path, capsys):
+    """A path that does not exist is not looked up on the hub (31 s of retries offline, and an error
+    about connecting to the hub; issue #29, item 7)."""
+    import time
+
+    t0 = time.perf_counter()
+    err = _one_line_error(capsys, ["-q", "train", "tiny/dpo", f"model={model}", "data=D", f"output_dir={tmp_path / 'o'}"])
+    assert f"model='{model}': no such directory" in err and "hub" in err
+    assert time.perf_counter() - t0 < 20  # no network retries (a generous bound: the failure is a stat call)
+
+
+def test_the_first_line_of_a_run_states_the_costly_defaults(tiny_model, toy_pairs, tmp_path, capsys, monkeypatch):
+    """A minimal config silently trained at 512 px (issue #29, item 9): the run's first line says the
+    resolution and which key sets it, the steps, device, processes, precision and threads."""
+    from pathlib import Path
+
+    from diffalign.config import load_config
+    from diffalign.trainers import train
+
+    monkeypatch.delenv("DIFFALIGN_QUIET", raising=False)  # another test's `diffalign -q` sets it for the process
+    root = Path(__file__).resolve().parents[1]
+    train(load_config(root / "diffalign/configs/tiny/sft.yaml",
+                      [f"model={tiny_model('sd15')}", f"data={toy_pairs}", f"output_dir={tmp_path / 'o'}", "max_steps=1"]))
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("sft:"))
+    assert "1 steps at 32 px (data_opts.resolution), device cpu, 1 process(es), mixed precision no" in line
+
+
+def test_print_config_shows_the_resolved_config_and_trains_nothing(tmp_path, capsys):
+    """``--print-config``: the config a run would use, after the recipe, the defaults and the
+    overrides, validated; no model is loaded and no output directory is made (issue #29, item 10)."""
+    import yaml
+
+    from diffalign.cli import main
+
+    assert main(["-q", "train", "tiny/dpo", "model=M", "data=D", f"output_dir={tmp_path / 'o'}", "loss.beta=123",
+                 "--print-config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["method"] == "dpo" and cfg["loss"]["beta"] == 123 and cfg["data_opts"]["resolution"] == 32
+    assert not (tmp_path / "o").exists()
+    _one_line_error(capsys, ["-q", "train", "tiny/dpo", "model=M", "optim.lr_scheduler=bogus", "--print-config"])
+
+
+def test_quiet_silences_the_libraries_warnings():
+    """``-q`` printed transformers' "requires torchvision" notice on every model load (issue #29,
+    item 6): in quiet mode the libraries log errors only."""
+    import subprocess
+    import sys
+
+    code = ("from diffalign.logging import configure\n"
+            "configure(quiet={q})\n"
+            "from transformers.utils import logging as tl\n"
+            "from diffusers.utils import logging as dl\n"
+            "tl.get_logger('transformers.x').warning('LIBRARY-NOTICE')\n"
+            "dl.get_logger('diffusers.x').warning('LIBRARY-NOTICE')\n")
+    env = {k: v for k, v in __import__("os").environ.items() if not k.endswith("_VERBOSITY") and k != "DIFFALIGN_QUIET"}
+    loud = subprocess.run([sys.executable, "-c", code.format(q=False)], capture_output=True, text=True, env=env)
+    quiet = subprocess.run([sys.executable, "-c", code.format(q=True)], capture_output=True, text=True, env=env)
+    assert loud.stderr.count("LIBRARY-NOTICE") == 2  # the test can see the notice when it is there
+    assert "LIBRARY-NOTICE" not in quiet.stderr + quiet.stdout
+
+
+def test_model_card_names_directories_absolutely(tiny_model, toy_pairs, tmp_path, monkeypatch):
+    """The card's ``base_model`` and usage snippet used the relative path the user typed, which
+    means nothing once the card is read from elsewhere (issue #29)."""
+    import os
+    from pathlib import Path
+
+    from diffalign.config import load_config
+    from diffalign.trainers import train
+
+    root = Path(__file__).resolve().parents[1]
+    model = Path(tiny_model("sd15"))
+    monkeypatch.chdir(model.parent)
+    train(load_config(root / "diffalign/configs/tiny/sft.yaml",
+                      [f"model={model.name}", f"data={toy_pairs}", f"output_dir={os.path.relpath(tmp_path / 'o')}", "max_steps=1"]))
+    card = (tmp_path / "o" / "README.md").read_text()
+    assert f"base_model: {model.resolve()}" in card
+    assert f'DiffusionPipeline.from_pretrained("{model.resolve()}")' in card
+    assert f'load_lora_weights("{(tmp_path / "o").resolve()}")' in card

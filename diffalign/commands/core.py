@@ -19,6 +19,13 @@ def cmd_train(args) -> int:
     from ..trainers import train
 
     cfg = load_config(args.config, args.overrides)
+    if args.print_config:  # the resolved config (defaults, recipe, overrides), validated; nothing runs
+        import yaml
+
+        from ..config import to_dict
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
     result = train(cfg)
     final = {k: v for k, v in result["final"].items() if isinstance(v, (int, float))}
     print(f"done: {cfg.output_dir} " + " ".join(f"{k}={v:.4g}" for k, v in final.items() if k in ("step", "loss", "implicit_acc", "reward_mean")))
@@ -109,6 +116,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                   "see diffalign recipes")
     # default=[]: argparse otherwise lists an empty "*" positional as required ("required: config, overrides")
     p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. model=DIR data=DIR max_steps=3 loss.beta=2000")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved, validated config as YAML and exit (nothing is loaded or trained)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("recipes", help="list the packaged recipes and tiny/reward/accelerate configs")

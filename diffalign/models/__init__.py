@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ..errors import UserError
@@ -28,11 +30,20 @@ class UnsupportedModelError(UserError, ValueError):
     pass
 
 
+def looks_like_a_path(model: str) -> bool:
+    """``./x``, ``../x``, ``/x``, ``~/x``, ``a/b/c`` or a Windows path: never a hub id (``ORG/NAME``),
+    so a missing one is a missing directory, not a hub look-up that retries for half a minute."""
+    return model.startswith((".", "/", "~", "\\")) or model.count("/") > 1 or "\\" in model or ":" in model
+
+
 def detect_family(model: str, revision: str | None = None) -> str:
     """The family (a key of :data:`FAMILIES`) of the pipeline class recorded in ``model_index.json``
     (local dir or hub id)."""
     from diffusers import DiffusionPipeline
 
+    if looks_like_a_path(model) and not Path(model).expanduser().exists():
+        raise UnsupportedModelError(f"model={model!r}: no such directory (a hub id is ORG/NAME; a local model is a "
+                                    "diffusers pipeline directory)")
     try:
         index = DiffusionPipeline.load_config(model, revision=revision)
     except Exception as e:

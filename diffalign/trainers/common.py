@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..logging import info
 from ..models import DiffusionAdapter, load_adapter
 from .rundir import check_output_path, fix_safetensors_modes, prepare_output_dir
 
@@ -47,9 +48,21 @@ def setup_accelerator(cfg):
         torch.backends.cudnn.allow_tf32 = True
     prepare_output_dir(cfg, accelerator)
     if accelerator.is_main_process:
+        info(run_plan_line(cfg, accelerator))
         if log_with:
             accelerator.init_trackers("diffalign", config=_flat(asdict(cfg)))
     return accelerator
+
+
+def run_plan_line(cfg, accelerator) -> str:
+    """The defaults that cost time, said before any model loads: steps, resolution (and which key
+    sets it), device, processes, precision and torch threads."""
+    res_key = next((k for k in ("data_opts", "sampler") if hasattr(getattr(cfg, k, None), "resolution")), None)
+    res = getattr(getattr(cfg, res_key), "resolution") if res_key else None
+    where = f"{res} px ({res_key}.resolution)" if res_key else "the model's resolution"
+    return (f"{cfg.method}: {cfg.max_steps} steps at {where}, device {accelerator.device}, "
+            f"{accelerator.num_processes} process(es), mixed precision {accelerator.mixed_precision}, "
+            f"{torch.get_num_threads()} torch thread(s) -> {cfg.output_dir}")
 
 
 def weight_dtype_for(accelerator) -> torch.dtype:
@@ -251,14 +264,17 @@ def save_final(cfg, accelerator, adapter: DiffusionAdapter, net, final_metrics: 
 def write_model_card(cfg, out: Path, method_name: str, weights: str, final_metrics: dict) -> None:
     lora = cfg.lora.rank > 0
     hp = _flat(asdict(cfg))
+    # a card read from elsewhere must name directories absolutely (a hub id stays as it is)
+    base = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
+    out = Path(out).resolve()
     rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in hp.items() if k not in ("output_dir",))
     metrics = "\n".join(f"| `{k}` | {v:.6g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in final_metrics.items())
     load = (
-        f"pipe = DiffusionPipeline.from_pretrained(\"{cfg.model}\")\npipe.load_lora_weights(\"{out}\")"
+        f"pipe = DiffusionPipeline.from_pretrained(\"{base}\")\npipe.load_lora_weights(\"{out}\")"
         if lora else f"pipe = DiffusionPipeline.from_pretrained(\"{out}\")"
     )
     card = f"""---
-base_model: {cfg.model}
+base_model: {base}
 library_name: diffusers
 tags:
 - diffalign
@@ -267,7 +283,7 @@ tags:
 - text-to-image
 ---
 
-# {method_name} fine-tune of `{cfg.model}`
+# {method_name} fine-tune of `{base}`
 
 Trained with [diffalign](https://github.com/diffalign/diffalign): method **{method_name}**,
 {'LoRA rank ' + str(cfg.lora.rank) if lora else 'full fine-tuning'}, {cfg.max_steps} optimizer steps
