@@ -42,8 +42,11 @@ def test_unknown_model_dir_is_a_clear_error(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WuerstchenPipeline"}))
     with pytest.raises(UnsupportedModelError, match="WuerstchenPipeline"):
         load_adapter(str(tmp_path))
-    with pytest.raises(UnsupportedModelError, match="model_index.json"):
+    with pytest.raises(UnsupportedModelError, match="missing': no such directory"):  # a path: never a hub look-up
         load_adapter(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UnsupportedModelError, match="model_index.json"):  # a directory that is no pipeline
+        load_adapter(str(tmp_path / "empty"))
 
 
 def test_epsilon_and_v_prediction_targets(tiny_model):
