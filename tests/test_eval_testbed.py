@@ -368,3 +368,13 @@ def test_long_budget_methods_run_end_to_end(tmp_path):
     assert faith["target"] == "testbed" and not faith["faithfulness_falls"]
     text = (tmp_path / "tb" / "report" / "report.md").read_text()
     assert "Rows judged on faithfulness alone" in text and "No gain is claimed for them" in text
+
+
+def test_time_to_gain_interpolates_the_first_crossing():
+    from diffalign.testbed.report import time_to_gain
+
+    curve = [(0, 0.0, 1.0), (2, 10.0, 1.1), (4, 30.0, 1.5), (6, 40.0, 1.2)]  # (step, seconds, reward)
+    assert time_to_gain(curve, 0.3) == pytest.approx(10.0 + 20.0 * (0.2 / 0.4))  # 1.3 reached between 10 s and 30 s
+    assert time_to_gain(curve, 0.1) == pytest.approx(10.0)
+    assert time_to_gain(curve, 0.6) is None  # never reached
+    assert time_to_gain(curve[1:], 0.1) is None  # no step-0 origin

@@ -132,10 +132,10 @@ def time_to_gain(curve: list[tuple[int, float, float]], gain: float) -> float | 
     (linear interpolation between evaluations); None if it never does or has no step 0."""
     if not curve or curve[0][0] != 0:
         return None
-    y0 = curve[0][2]
+    target = curve[0][2] + gain
     for (_, t0, a), (_, t1, b) in zip(curve, curve[1:]):
-        if b - y0 >= gain:
-            return t0 + (t1 - t0) * ((y0 + gain - a) / (b - a) if b != a else 1.0) if a - y0 < gain else t0
+        if b >= target:  # the first segment that reaches it (a < target, or it would have been found earlier)
+            return t0 + (t1 - t0) * (target - a) / (b - a)
     return None
 
 
