@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
+from ..files import fix_safetensors_modes
 from ..logging import info
 from ..models import DiffusionAdapter, load_adapter
-from .rundir import check_output_path, fix_safetensors_modes, prepare_output_dir
+from .rundir import check_output_path, prepare_output_dir
 
 
 # ------------------------------------------------------------------------------------ setup

@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, check
+from ..files import fix_safetensors_modes
 from ..logging import is_quiet
 from ..losses.grpo import gaussian_kl_same_std, grpo_clip_loss, ratio_norm_log_ratio
 from ..pipelines import (
@@ -59,7 +60,6 @@ from .common import (
     setup_accelerator,
 )
 from .grpo_config import GRPOConfig
-from .rundir import fix_safetensors_modes
 from .grpo_rewards import BUILTIN_PROMPTS, load_prompts, resolve_reward, reward_scores, score_images  # noqa: F401
 from ..optim_step import count_nonfinite, guarded_backward, guarded_step
 
