@@ -3,7 +3,8 @@
 # Builds the wheel, installs it with the CPU torch of the README's main-job command into a fresh
 # venv (no --system-site-packages: the clone's venv must not satisfy a missing dependency), then
 # runs the packaged recipes, a tiny training run and the main job from an empty directory.
-# Usage: .ci/wheel_check.sh  (env: PYTHON=python3, WHEEL_TORCH=torch==2.13.0, KEEP=1 keeps the temp dir)
+# Usage: .ci/wheel_check.sh  (env: PYTHON=python3, WHEEL_TORCH=torch==2.13.0, KEEP=1 keeps the temp dir,
+#   CI_ARTIFACTS=DIR for the report screenshot, default ci-artifacts/ in the clone)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
@@ -58,6 +59,8 @@ test -s R/unet/diffusion_pytorch_model.safetensors
 step "diffalign testbed-compare --budget quick"
 diffalign testbed-compare --budget quick --out T
 test -s T/report/report.md
+step "render the report in headless Chromium (screenshot: ci-artifacts/testbed_report.png)"
+python "$ROOT/.ci/render_report.py" T/report "${CI_ARTIFACTS:-$ROOT/ci-artifacts}"
 
 step "ok ($((SECONDS - t0))s)"
 rm -rf "$RUN"

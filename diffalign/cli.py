@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "diffalign.rewards.cli",  # score, relabel, filter-pairs, train-reward, serve-reward
     "diffalign.commands.evaluate",  # eval, compare
     "diffalign.commands.testbed",  # testbed-base, testbed-compare
+    "diffalign.commands.plan",  # plan (memory plans as numbers)
 ]
 
 

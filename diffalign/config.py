@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,6 +37,9 @@ class ModelOptions:
     vae: str | None = None  # replacement VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL)
     attention: str = "sdpa"  # sdpa | xformers | any diffusers attention backend name (DiTs)
     gradient_checkpointing: bool = False
+    # images per VAE decode call (rollouts, evaluation): 0 = a whole batch at once. Bounds the decode's
+    # peak memory beside the training state (Qwen-Image's VAE: ~0.9 GB per 512 px image in flight)
+    vae_decode_batch: int = 0
     channels_last: bool = False  # UNets: NHWC convolutions (faster on recent GPUs)
     compile: bool = False  # torch.compile the denoiser (in place, so adapters can still be toggled)
     compile_backend: str = "inductor"
@@ -55,7 +59,9 @@ class LoraOptions:
     alpha: float | None = None  # defaults to rank (scale 1)
     dropout: float = 0.0
     target_modules: list[str] | None = None  # None: the adapter's family default
-    init: str = "gaussian"  # peft init_lora_weights: gaussian | true (kaiming) | pissa ...
+    # peft init_lora_weights: gaussian | true (kaiming) | false (B and A random: a test-only non-identity start)
+    # | pissa | pissa_niter_N | olora | eva | corda | loftq | orthogonal
+    init: str | bool = "gaussian"
 
 
 @dataclass
@@ -92,6 +98,10 @@ class DataOptions:
     # first use, content-keyed; false: encode every batch with the VAE and text encoders.
     cache: bool = True
     cache_dir: str | None = None  # where the cache lives; None: ~/.cache/diffalign/latents/<content key> ($DIFFALIGN_LATENT_CACHE / $DIFFALIGN_CACHE move it)
+    # dtype of the cached latent moments and prompt embeddings: float32 | bfloat16 | float16. The
+    # 16-bit ones halve the cache (FLUX.1 at 1024 px: 8 MiB a pair in float32 with flips); the
+    # training step casts them to its own dtype anyway, so bfloat16 suits a bf16 run.
+    cache_dtype: str = "float32"
     num_workers: int = 0
 
 
@@ -131,6 +141,7 @@ class BaseTrainConfig:
         check(self.checkpoints_keep >= 1, "checkpoints_keep", "must be >= 1")
         check(not (self.overwrite and self.resume), "overwrite",
                f"overwrite=true starts over and resume={self.resume} continues: set only one of them")
+        check(self.model_opts.vae_decode_batch >= 0, "model_opts.vae_decode_batch", "must be >= 0 (0 = a whole batch at once)")
         check(self.lora.rank >= 0, "lora.rank", "must be >= 0 (0 = full fine-tuning)")
         check(self.optim.learning_rate > 0, "optim.learning_rate", "must be > 0")
         check(self.optim.lr_scheduler in LR_SCHEDULERS, "optim.lr_scheduler", f"must be one of {', '.join(LR_SCHEDULERS)}")
@@ -142,13 +153,31 @@ class BaseTrainConfig:
                   f"{tracker} is not installed (pip install 'diffalign[tracking]' or {package})")
         check(self.model_opts.timestep_sampling in ("uniform", "logit_normal", "mode"),
                "model_opts.timestep_sampling", "must be uniform, logit_normal or mode")
+        check(isinstance(self.lora.init, bool) or self.lora.init.lower() in LORA_INITS
+              or re.fullmatch(r"pissa_niter_\d+", self.lora.init) is not None,
+              "lora.init", f"must be one of {', '.join(LORA_INITS)} or pissa_niter_N")
+        check(self.model_opts.compile_backend == "inductor" or self.model_opts.compile_backend in _compile_backends(),
+              "model_opts.compile_backend", "must be a torch.compile backend: torch._dynamo.list_backends(exclude_tags=())")
+        attention = self.model_opts.attention
+        check(attention in ATTENTION_NAMES or (attention.startswith("diffusers:") and len(attention) > len("diffusers:")),
+              "model_opts.attention", f"must be one of {', '.join(ATTENTION_NAMES)} or diffusers:<backend>")
 
 
 # diffusers.optimization.get_scheduler's names (SchedulerType)
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "piecewise_constant")
 REPORT_TO = ("none", "tensorboard", "wandb", "all")
+# peft's init_lora_weights values (True/False spelled as words too)
+LORA_INITS = ("gaussian", "true", "kaiming", "default", "false", "pissa", "olora", "eva", "corda", "loftq", "orthogonal")
+# models.base.DiffusionAdapter.set_attention's names (diffusers:<backend> besides)
+ATTENTION_NAMES = ("sdpa", "sdpa_math", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "xformers")
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def _compile_backends() -> list[str]:
+    import torch._dynamo  # 1-2 s to import: only asked when a backend other than the default is named
+
+    return torch._dynamo.list_backends(exclude_tags=())
 
 
 def check(ok: bool, key: str, msg: str) -> None:

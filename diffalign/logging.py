@@ -61,15 +61,24 @@ def info(message: str) -> None:
         print(message, flush=True)
 
 
+def warn(message: str) -> None:
+    """A one-line warning on stderr (``warning: ...``), also when quiet: something the user should
+    know happened, without the source line a Python ``warnings.warn`` prints under it."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def progress(iterable: Iterable | None = None, *, inner: bool = False, **kwargs: Any):
     """A tqdm bar that follows the policy. ``inner=True`` marks a bar nested in another one: it
     is drawn only on a terminal, since a nested bar moves the cursor with ``ESC [A`` and leaves
     that in log files; the outer bar (one per level) still reports progress there."""
     from tqdm.auto import tqdm
 
-    disable = is_quiet() or (inner and not _stderr_is_tty())
+    tty = _stderr_is_tty()
+    disable = is_quiet() or (inner and not tty)
     if inner:
         kwargs.setdefault("leave", False)
+    elif not tty:  # a log file: an update every few seconds, not ten a second
+        kwargs.setdefault("mininterval", 5.0)
     return tqdm(iterable, disable=disable, **kwargs)
 
 

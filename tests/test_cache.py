@@ -132,4 +132,5 @@ def test_concurrent_builds_of_one_cache_never_disturb_a_reader(tiny_model, toy_p
     (out / "index.json").write_text(json.dumps({**index, "fingerprint": {**index["fingerprint"], "data_content": "old"}}))
     build_cache(cfg, adapter, batch_size=5, shard_rows=1000)
     new = check_cache(cfg, adapter)
-    assert new["shards"] == 1 and sorted(f.name for f in out.glob("shard-*")) == ["shard-00000.safetensors"]
+    assert new["shards"] == 1 and sorted(f.name for f in out.glob("shard-*")) == ["shard-r0-00000.safetensors"]
+    assert sorted(f.name for f in out.glob("captions*")) == ["captions-r0-00000.safetensors"]  # old caption shards gone too

@@ -274,7 +274,7 @@ def test_zero_advantage_transitions_are_dropped(tiny_model, tmp_path, monkeypatc
     """flow_grpo filters samples whose advantages are all zero: a constant reward leaves nothing to train."""
     import diffalign.trainers.grpo as grpo
 
-    monkeypatch.setattr(grpo, "resolve_reward", lambda name, args=None: lambda images, *a, **k: torch.zeros(len(images)))
+    monkeypatch.setattr(grpo, "resolve_reward", lambda name, args=None, device=None: lambda images, *a, **k: torch.zeros(len(images)))
     kept = _run(tiny_model("sd3"), tmp_path / "a", *SMALL, "max_steps=1", "eval.every=-1")
     dropped = _run(tiny_model("sd3"), tmp_path / "b", *SMALL, "max_steps=1", "eval.every=-1",
                    "advantage.drop_zero_advantage=true")

@@ -142,7 +142,7 @@ def test_reward_scoring_overlaps_next_rollout(tiny, tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(grpo, "rollout", timed_rollout)
-    monkeypatch.setattr(grpo, "resolve_reward", lambda name, args=None: slow_reward)
+    monkeypatch.setattr(grpo, "resolve_reward", lambda name, args=None, device=None: slow_reward)
     run(tiny("sd3"), tmp_path, "grpo.yaml", "max_steps=1", "sampler.num_steps=2", "prompts_per_step=4", "batch_size=4",
         "group_size=2", "eval.every=-1")
     first_score = next(e for e in events if e[0] == "score_start")

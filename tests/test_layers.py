@@ -14,21 +14,24 @@ PACKAGE = Path(__file__).resolve().parents[1] / "diffalign"
 # as a whole; top-level modules are placed one by one:
 #   errors   - the user-facing exception types (imports nothing of ours)
 #   files    - atomic writes and file helpers
+#   hub      - Hugging Face Hub look-ups that fail fast offline
 #   logging  - run logging and the quieting of library output
 #   config   - typed configs (dataclasses, YAML + overrides)
 #   recipes  - packaged configs read by config.load_yaml
 #   optim_step - the guarded optimizer step every training loop shares (torch only)
 #   tensors  - tensor helpers models, losses and pipelines share (per_row broadcasting; torch only)
-#   diffalign (the package __init__, empty)
+# The package __init__ (``diffalign``) re-exports the public API (``diffalign.api``): both are top layer,
+# so no module may import from ``diffalign`` itself.
 LAYERS: list[set[str]] = [
-    {"diffalign", "diffalign.errors", "diffalign.files", "diffalign.logging", "diffalign.config", "diffalign.recipes",
+    {"diffalign.errors", "diffalign.files", "diffalign.hub", "diffalign.logging", "diffalign.config", "diffalign.recipes",
      "diffalign.optim_step", "diffalign.tensors"},
     {"diffalign.models", "diffalign.losses", "diffalign.pipelines"},
-    {"diffalign.data", "diffalign.rewards"},
+    # plan: memory plans from model shape configs (reads models' LoRA targets, data's cache rule, rewards' modules)
+    {"diffalign.data", "diffalign.rewards", "diffalign.plan"},
     {"diffalign.trainers"},
     {"diffalign.eval"},
     {"diffalign.testbed"},  # the testbed job evaluates through eval; eval never imports the testbed
-    {"diffalign.commands", "diffalign.cli", "diffalign.__main__"},
+    {"diffalign.commands", "diffalign.cli", "diffalign.__main__", "diffalign.api", "diffalign"},
 ]
 
 # Known violations, in files colleagues are rewriting in parallel (issue #12): delete an entry
@@ -66,6 +69,8 @@ def _imports(module: str, path: Path):
             for alias in node.names:
                 if alias.name.split(".")[0] == "diffalign":
                     yield _owner(alias.name), None, node.lineno
+        elif isinstance(node, ast.Call) and _imports_by_name(node):  # importlib.import_module("diffalign.x")
+            yield _owner(node.args[0].value), None, node.lineno
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = module.split(".") if is_pkg else module.split(".")[:-1]
@@ -80,6 +85,15 @@ def _imports(module: str, path: Path):
                     yield f"{source}.{alias.name}", None, node.lineno
                 else:
                     yield _owner(source), alias.name, node.lineno
+
+
+def _imports_by_name(call: ast.Call) -> bool:
+    """``import_module("diffalign....")`` / ``importlib.import_module(...)`` / ``__import__(...)`` with a
+    literal module name: an import the ``import`` statement scan would not see."""
+    name = call.func.attr if isinstance(call.func, ast.Attribute) else getattr(call.func, "id", "")
+    arg = call.args[0] if call.args else None
+    return (name in ("import_module", "__import__") and isinstance(arg, ast.Constant) and isinstance(arg.value, str)
+            and arg.value.split(".")[0] == "diffalign")
 
 
 def _layer(module: str) -> int:
@@ -178,3 +192,17 @@ def test_the_checks_catch_what_they_should():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _layer("diffalign.trainers.grpo") > _layer("diffalign.models.base") > _layer("diffalign.config")
     assert _layer("diffalign.cli") == len(LAYERS) - 1
+
+
+def test_an_import_by_name_and_a_cycle_between_packages_are_caught(tmp_path):
+    """A planted ``importlib.import_module`` of a higher layer is an upward import; an ``eval`` <->
+    ``testbed`` pair of imports is a cycle (issue #28)."""
+    planted = tmp_path / "planted.py"
+    planted.write_text("import importlib\n\ndef f():\n    return importlib.import_module('diffalign.trainers.grpo')\n")
+    (target, _, line), = list(_imports("diffalign.models.base", planted))
+    assert target == "diffalign.trainers.grpo" and line == 4
+    assert _layer(target) > _layer("diffalign.models.base")
+    graph = _graph()
+    graph["diffalign.eval.generate"] = graph["diffalign.eval.generate"] | {"diffalign.testbed.job"}
+    assert any({"diffalign.eval.generate", "diffalign.testbed.job"} <= set(c) for c in _cycles(graph)), \
+        "an eval -> testbed import beside testbed -> eval must be a cycle"

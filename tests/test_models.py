@@ -167,3 +167,23 @@ def test_flux_guidance_input_and_packing(tiny_model):
         assert not torch.allclose(dev.predict(xt, t, dev.with_guidance(cond, 5.0)), default)
     schnell = load_adapter(tiny_model("flux-schnell"))
     assert schnell.distilled_guidance and schnell.with_guidance(cond, 5.0) is cond
+
+
+def test_vae_decode_batch_bounds_the_images_per_decode_call(tiny_model):
+    """``model_opts.vae_decode_batch`` splits a decode into VAE calls of at most that many images
+    (issue #30: a whole rollout group decoded at once did not fit beside the training state); the
+    images are the same as one call's."""
+    from diffalign.config import ModelOptions
+    from diffalign.models import load_adapter
+
+    adapter = load_adapter(str(tiny_model("sd15")), ModelOptions(vae_decode_batch=2))
+    sizes = []
+    decode = adapter.vae.decode
+    adapter.vae.decode = lambda x, **k: (sizes.append(x.shape[0]), decode(x, **k))[1]
+    latents = torch.randn(5, adapter.vae.config.latent_channels, 4, 4, generator=torch.Generator().manual_seed(0))
+    chunked = adapter.decode_latents(latents)
+    assert sizes == [2, 2, 1]
+    adapter.opts.vae_decode_batch = 0
+    whole = adapter.decode_latents(latents)
+    assert sizes[3:] == [5]
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)

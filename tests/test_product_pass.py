@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -76,15 +77,50 @@ def _one_line_error(capsys, argv) -> str:
     return err
 
 
-@pytest.mark.parametrize("override, key", [
-    ("report_to=tensorbored", "report_to"),
-    ("optim.lr_scheduler=bogus", "optim.lr_scheduler"),
-])
-def test_bad_enum_values_are_one_line_before_any_work(override, key, tmp_path, capsys):
-    """Values validation missed used to surface as 19-35 line tracebacks (issue #29, item 2)."""
-    err = _one_line_error(capsys, ["-q", "train", "tiny/dpo", "model=M", "data=D", f"output_dir={tmp_path / 'o'}", override])
-    assert f"'{key}'" in err
-    assert not (tmp_path / "o").exists()  # nothing was started
+# str keys whose values are names the user chooses (paths, hub ids, dataset columns): anything goes
+# until the file or column is looked up. Every other str key of every trainer config is a choice
+# among known values and must be checked before any work starts.
+FREE_FORM_KEYS = {"model", "data", "output_dir", "resume", "eval.data", "model_opts.revision", "model_opts.variant",
+                  "model_opts.vae", "data_opts.split", "data_opts.cache_dir", "data_opts.caption_column",
+                  "data_opts.image_column", "data_opts.label_column", "data_opts.rejected_caption_column"}
+
+
+def _str_keys(cls, prefix=""):
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _str_keys(tp, f"{prefix}{f.name}.")
+        elif tp is str or str in typing.get_args(tp):
+            yield prefix + f.name
+
+
+def test_every_enum_like_key_is_one_line_before_any_work(tmp_path, capsys):
+    """Values validation missed used to surface as 19-35 line tracebacks (issue #29, item 2:
+    report_to=tensorbored, optim.lr_scheduler=bogus): every str key of every trainer config that
+    is not a free-form name gets a bad value and must be refused in one line naming it, exit 2."""
+    import diffalign.trainers  # noqa: F401 - registers the trainer configs
+    from diffalign.config import CONFIG_CLASSES
+
+    checked = set()
+    for cls in {c: None for c in CONFIG_CLASSES.values()}:  # one packaged tiny config per trainer
+        method = next(m for m, c in sorted(CONFIG_CLASSES.items()) if c is cls)
+        for key in _str_keys(cls):
+            if key in FREE_FORM_KEYS or key == "method":
+                continue
+            out = tmp_path / "o"
+            err = _one_line_error(capsys, ["-q", "train", f"tiny/{method}", "model=M", "data=D", f"output_dir={out}",
+                                           f"{key}=bogus_value"])
+            assert f"'{key}'" in err, (method, key, err)
+            assert not out.exists()  # nothing was started
+            checked.add(key)
+    # the keys of the original reproductions, and the window/tree keys once only checked for their own kind
+    assert {"report_to", "optim.lr_scheduler", "lora.init", "model_opts.attention", "schedule.window.mode",
+            "schedule.tree.width_pruning", "sampler.step"} <= checked
+    assert len(checked) >= 35
 
 
 def test_a_tracker_that_is_not_installed_is_an_error(tmp_path, capsys, monkeypatch):
@@ -201,3 +237,135 @@ def test_model_card_names_directories_absolutely(tiny_model, toy_pairs, tmp_path
     assert f"base_model: {model.resolve()}" in card
     assert f'DiffusionPipeline.from_pretrained("{model.resolve()}")' in card
     assert f'load_lora_weights("{(tmp_path / "o").resolve()}")' in card
+
+
+@pytest.mark.parametrize("key, value", [("model", "org/NoSuchModel"), ("data", "org/no-such-pairs")])
+def test_a_mistyped_hub_name_offline_is_one_line_at_once(key, value, tiny_model, toy_pairs, tmp_path, capsys, monkeypatch):
+    """Offline, a hub id that is not in the cache cost 31 s and 12 lines of hub retries (item 7): the
+    hub is probed once (one connect) and the library is never asked."""
+    import diffusers
+
+    from diffalign import hub
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: False)
+
+    def asked(*a, **k):
+        raise AssertionError("the hub library was asked")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "load_config", asked)
+    args = {"model": str(tiny_model("sd15")), "data": toy_pairs, key: value}
+    if key == "data":
+        monkeypatch.undo()  # the model is local: its config must load; the data check comes first anyway
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    err = _one_line_error(capsys, ["-q", "train", "tiny/dpo", f"model={args['model']}", f"data={args['data']}",
+                                   f"output_dir={tmp_path / 'o'}", "max_steps=1"])
+    assert f"{key}='{value}': no such directory" in err and "hub cache" in err
+    assert ("huggingface.co cannot be reached" if key == "model" else "HF_HUB_OFFLINE is set") in err
+
+
+def test_a_name_in_the_hub_cache_is_not_refused_offline(tmp_path, monkeypatch):
+    from diffalign import hub
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "models--org--cached" / "snapshots").mkdir(parents=True)
+    hub.check_hub_name("org/cached", "model")  # cached: the library reads it offline
+    with pytest.raises(hub.UserError, match="HF_HUB_OFFLINE is set"):
+        hub.check_hub_name("org/other", "model")
+
+
+def test_resuming_a_finished_run_reports_its_metrics(tiny_model, toy_pairs, tmp_path, capsys):
+    """resume=latest with checkpoints at max_steps printed `done:` and nothing else (item 5)."""
+    from diffalign.cli import main
+
+    argv = ["-q", "train", "tiny/dpo", f"model={tiny_model('sd15')}", f"data={toy_pairs}", f"output_dir={tmp_path / 'o'}",
+            "max_steps=2", "checkpoint_every=1"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out.strip().splitlines()[-1]
+    assert main([*argv, "resume=latest"]) == 0
+    out = capsys.readouterr().out
+    assert "already at max_steps=2, nothing to train" in out
+    done = out.strip().splitlines()[-1]
+    assert done.startswith("done:") and "step=2 loss=" in done and done == first
+
+
+def test_eval_reports_progress_to_a_log_file_and_leaves_nothing_when_it_fails(tiny_model, tmp_path, capsys, monkeypatch):
+    """`eval` was silent with its output in a log file (item 10); a failed eval left an empty
+    output directory (smaller items)."""
+    from diffalign.cli import main
+    from diffalign.eval import generate
+
+    for var in ("DIFFALIGN_QUIET", "TQDM_DISABLE"):  # other tests' -q sets them in this process
+        monkeypatch.delenv(var, raising=False)
+    model = str(tiny_model("sd15"))
+    assert main(["eval", "--model", model, "--prompts", "testbed_heldout:3", "--reward", "jpeg", "--seeds", "2",
+                 "--out", str(tmp_path / "ev")]) == 0
+    err = capsys.readouterr().err  # captured: not a terminal, as a log file is not
+    assert "eval ev: 100%" in err and "6/6" in err
+
+    def broken(*a, **k):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(generate, "generate", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        main(["-q", "eval", "--model", model, "--prompts", "testbed_heldout:3", "--reward", "jpeg", "--out", str(tmp_path / "ev2")])
+    assert not (tmp_path / "ev2").exists()
+    # a directory the user already had is left alone
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(RuntimeError):
+        main(["-q", "eval", "--model", model, "--prompts", "testbed_heldout:3", "--reward", "jpeg", "--out", str(tmp_path / "mine")])
+    assert (tmp_path / "mine").is_dir()
+
+
+def test_score_reads_the_per_image_csv_that_eval_writes(tiny_model, tmp_path, capsys):
+    import csv
+
+    from diffalign.cli import main
+
+    ev = tmp_path / "ev"
+    assert main(["-q", "eval", "--model", str(tiny_model("sd15")), "--prompts", "testbed_heldout:2", "--reward", "jpeg",
+                 "--out", str(ev)]) == 0
+    assert main(["-q", "score", "--reward", "jpeg", "--images", str(ev / "images"), "--prompts", str(ev / "per_image.csv"),
+                 "--out", str(tmp_path / "s.csv")]) == 0
+    evals = {Path(r["image"]).name: float(r["jpeg"]) for r in csv.DictReader(open(ev / "per_image.csv"))}
+    scored = {Path(r["image"]).name: float(r["jpeg"]) for r in csv.DictReader(open(tmp_path / "s.csv"))}
+    assert scored == pytest.approx(evals) and len(scored) == 4  # 2 prompts x the default 2 seeds
+
+
+def test_reward_server_logs_each_request_and_says_which_method_a_path_takes():
+    """The reward server wrote no access log and answered GET /score with 404 "unknown path"."""
+    import http.client
+
+    import torch
+
+    from diffalign.rewards import FunctionReward
+    from diffalign.rewards.server import RewardServer
+
+    lines: list[str] = []
+    reward = FunctionReward(lambda images, prompts, metadata: torch.stack([i.mean() for i in images]), "brightness")
+    with RewardServer(reward, "127.0.0.1", 0, log=lines.append) as server:
+        host, port = server.address
+        conn = http.client.HTTPConnection(host, port, timeout=30)
+        conn.request("GET", "/score")
+        resp = conn.getresponse()
+        body = resp.read().decode()
+        assert resp.status == 405 and resp.getheader("Allow") == "POST" and "takes POST" in body
+        conn.close()
+        conn = http.client.HTTPConnection(host, port, timeout=30)
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 200
+        conn.close()
+    assert len(lines) == 2
+    assert lines[0].startswith('127.0.0.1 "GET /score" 405 ') and "takes POST" in lines[0]
+    assert lines[1].startswith('127.0.0.1 "GET /health" 200 ')
+    quiet: list[str] = []
+    with RewardServer(reward, "127.0.0.1", 0, log=quiet.append, access_log=False) as server:
+        conn = http.client.HTTPConnection(*server.address, timeout=30)
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 200
+        conn.close()
+    assert quiet == []

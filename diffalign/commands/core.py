@@ -86,25 +86,47 @@ def cmd_toy_data(args) -> int:
 
 
 def cmd_cache(args) -> int:
+    import os
+
+    import torch
+
     from .. import trainers  # noqa: F401  registers the trainer configs load_config picks from
     from ..config import load_config
-    from ..data.cache import build_cache, check_cache, resolve_cache_dir
-    from ..models import load_adapter
+    from ..data.cache import build_cache, check_cache, load_cache_encoders, resolve_cache_dir
 
     cfg = load_config(args.config, args.overrides)
-    adapter = load_adapter(cfg.model, cfg.model_opts, device="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    accelerator = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun / accelerate launch: each process encodes its share
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        device = accelerator.device
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    main = accelerator is None or accelerator.is_main_process
+    # the VAE and text encoders only, in the run's dtypes (load_cache_encoders), not the whole
+    # pipeline in fp32: FLUX.1's would be ~67 GB on one GPU before the first VAE encode
+    adapter = load_cache_encoders(cfg, device)
     cache_dir = resolve_cache_dir(cfg, adapter)  # data_opts.cache_dir, or the one training would pick
-    if check_cache(cfg, adapter, cache_dir=cache_dir) is not None and not args.force:
-        print(f"cache at {cache_dir} is up to date")
+    current = check_cache(cfg, adapter, cache_dir=cache_dir, announce=main) is not None
+    if accelerator is not None:  # one decision for all processes
+        from accelerate.utils import gather_object
+
+        current = all(gather_object([current]))
+    if current and not args.force:
+        if main:
+            print(f"cache at {cache_dir} is up to date")
         return 0
     t0 = time.perf_counter()
-    path = build_cache(cfg, adapter, batch_size=args.batch_size, cache_dir=cache_dir)
-    print(f"wrote latent cache to {path} in {time.perf_counter() - t0:.1f}s")
+    path = build_cache(cfg, adapter, batch_size=args.batch_size, cache_dir=cache_dir, accelerator=accelerator)
+    if main:
+        print(f"wrote latent cache to {path} in {time.perf_counter() - t0:.1f}s")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("cache", help="precompute VAE latents + text embeddings for a pair config")
+    p = sub.add_parser("cache", help="precompute VAE latents + text embeddings for a pair config "
+                                     "(under torchrun / accelerate launch every process encodes a share)")
     p.add_argument("config", help="pair-method config: YAML file, packaged config (tiny/dpo) or recipe name")
     p.add_argument("overrides", nargs="*", default=[], help="e.g. model=DIR data=DIR [data_opts.cache_dir=CACHE]")
     p.add_argument("--batch-size", type=int, default=16, help="pairs per VAE/text-encoder forward pass (default 16)")

@@ -22,7 +22,7 @@ def cmd_eval(args) -> int:
     level = peft_log.level
     peft_log.setLevel(logging.CRITICAL)
     try:
-        summary = run_eval(cfg)
+        summary = run_eval(cfg, nested=False)
     except RuntimeError as e:
         if args.lora and "size mismatch" in str(e):
             raise lora_mismatch_error(args.lora, args.model, str(e)) from None

@@ -24,14 +24,28 @@ another data variant, random crops and streaming datasets train uncached (:func:
 The cached stream visits pairs in the same order, with the same flip and empty-caption draws, as
 the uncached stream (:class:`CachedPairStream`), so a cached run trains on the same batches.
 
-On disk, next to nothing else: ``cache_dir/index.json`` (fingerprint, row map, skip counts) and
-``shard-00000.safetensors`` ... (latent moments) and ``captions.safetensors``. The fingerprint
-keys on *contents*, not path strings: each data file's size, mtime and a sampled hash, the
-model dir's config files (hashed) and weight files (size, mtime, sampled hash), or the hub
+On disk, next to nothing else: ``cache_dir/index.json`` (fingerprint, row map, shard lists, skip
+counts), the latent moments in ``shard-r<P>-<K>.safetensors`` and the prompt embeddings in
+``captions-r<P>-<K>.safetensors`` (each file at most ``shard_rows`` rows; ``P`` is the building
+process that wrote it). Moments and embeddings are stored in ``data_opts.cache_dtype`` (float32 by
+default; bfloat16 halves a cache for bf16 runs); the dtype is part of the fingerprint. The
+fingerprint keys on *contents*, not path strings: each data file's size, mtime and a sampled hash,
+the model dir's config files (hashed) and weight files (size, mtime, sampled hash), or the hub
 revision for hub ids. A cache whose data or model contents changed is stale and rebuilt with a
-one-line message; a cache built with other settings (resolution, caption column, ...) is refused
-with the differing key named. Random crops are not cacheable (each epoch would need new crops):
-the cache requires ``random_crop: false``.
+one-line message; a cache built with other settings (resolution, caption column, cache dtype, ...)
+is refused with the differing key named. Random crops are not cacheable (each epoch would need new
+crops): the cache requires ``random_crop: false``.
+
+Building is shared by the processes of a run (:func:`build_cache` with an ``accelerator``): process
+``P`` of ``N`` encodes the source rows ``i % N == P`` into its own shards, then an equal share of
+the unique captions, and the main process writes ``index.json``; no process waits hours at a
+barrier while another encodes everything. When the cache directory is node-local (the processes
+of another node do not see the main process's files there), each node builds its own copy and the
+node's local main process writes its index.
+
+Reading: every rank's stream visits every pair over the epochs (each epoch permutes all rows
+before sharding them over ranks, as the uncached stream does), so no rank can skip a shard; files
+are instead opened lazily and memory-mapped, and a rank reads only the rows it draws.
 """
 
 from __future__ import annotations
@@ -57,7 +71,11 @@ from ..models import cat_cond
 from .batches import CachedPairBatch
 from .pickapic import PairTransform, classify_row, decode_image, load_preference_dataset
 
-CACHE_VERSION = 3  # 2: data and model keyed by content; 3: source row count (the uncached stream's order)
+CACHE_VERSION = 4  # 2: data and model keyed by content; 3: source row count (the uncached stream's order);
+# 4: shards per building process, caption embeddings in shards, data_opts.cache_dtype
+
+# data_opts.cache_dtype: the dtype of the stored moments and embeddings
+CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Fingerprint keys whose change means the inputs were regenerated or replaced: the cache is
 # stale and gets rebuilt. Any other key is a setting of this run; a mismatch there means the
@@ -150,6 +168,7 @@ def cache_fingerprint(cfg, adapter) -> dict:
         "resolution": o.resolution,
         "flips": bool(o.random_flip), "drop_ties": o.drop_ties, "drop_identical": o.drop_identical,
         "max_samples": o.max_samples, "max_sequence_length": cfg.model_opts.max_sequence_length,
+        "cache_dtype": o.cache_dtype,
         "cached_reference": _cached_reference(cfg), "seed": cfg.seed if _cached_reference(cfg) else None,
         # where the inputs were, for people reading index.json; not compared (a moved data
         # dir with the same contents keeps its cache)
@@ -200,25 +219,22 @@ def fixed_pair_draws(adapter, batch: CachedPairBatch) -> tuple[torch.Tensor, tor
 
 
 @torch.no_grad()
-def compute_reference_losses(cfg, adapter, out: Path, index: dict, batch_size: int = 16) -> None:
-    """The reference's per-pair MSEs at each pair's fixed draws (:func:`fixed_pair_draws`), stored as
-    ``reference.safetensors`` (``ref_w``, ``ref_l`` in row order). The reference is the network as
-    loaded: adapters disabled when LoRA is already attached."""
-    from safetensors.torch import load_file
-
-    from ..files import save_safetensors as save_file
-
-    shards = [load_file(str(out / f"shard-{i:05d}.safetensors")) for i in range(index["shards"])]
-    conds = load_file(str(out / "captions.safetensors"))
-    rows = index["rows"]
-    ref_w, ref_l = [], []
+def compute_reference_losses(cfg, adapter, reader: "CacheReader", index: dict, rows: list[int],
+                             batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """The reference's per-pair MSEs at each pair's fixed draws (:func:`fixed_pair_draws`) for the
+    pairs ``rows`` (positions in ``index["rows"]``): ``{"row", "ref_w", "ref_l"}``. The reference
+    is the network as loaded: adapters disabled when LoRA is already attached."""
+    ref_w, ref_l = [torch.zeros(0)], [torch.zeros(0)]
     has_lora = getattr(adapter.denoiser, "_hf_peft_config_loaded", False)
     for start in progress(range(0, len(rows), batch_size), desc="cache reference losses"):
         chunk = rows[start:start + batch_size]
-        moments = {k: torch.stack([shards[r["shard"]][k][r["offset"]] for r in chunk]) for k in ("mean_w", "std_w", "mean_l", "std_l")}
-        cond = {k: torch.stack([v[r["caption"]] for r in chunk]).to(adapter.device) for k, v in conds.items()}
-        batch = CachedPairBatch(**moments, cond=cond, captions=[index["captions"][r["caption"]] for r in chunk],
-                                row_seed=torch.tensor([row_seed(cfg.seed, start + j) for j in range(len(chunk))]))
+        entries = [index["rows"][j] for j in chunk]
+        moments = [reader.moments(r) for r in entries]
+        conds = [reader.cond(r["caption"]) for r in entries]
+        cond = {k: torch.stack([c[k] for c in conds]).to(adapter.device) for k in conds[0]}
+        batch = CachedPairBatch(**{k: torch.stack([m[k] for m in moments]) for k in MOMENTS}, cond=cond,
+                                captions=[index["captions"][r["caption"]] for r in entries],
+                                row_seed=torch.tensor([row_seed(cfg.seed, j) for j in chunk]))
         latents, noise, t = fixed_pair_draws(adapter, batch)
         x_t, target = adapter.noisy_input_and_target(latents, noise, t)
         cond2 = cat_cond(cond, cond)
@@ -228,9 +244,9 @@ def compute_reference_losses(cfg, adapter, out: Path, index: dict, batch_size: i
         else:
             pred = adapter.predict(x_t, t, cond2)
         w, l = per_sample_mse(pred, target).chunk(2)
-        ref_w.append(w.cpu())
-        ref_l.append(l.cpu())
-    save_file({"ref_w": torch.cat(ref_w), "ref_l": torch.cat(ref_l)}, out / "reference.safetensors")
+        ref_w.append(w.float().cpu())
+        ref_l.append(l.float().cpu())
+    return {"row": torch.tensor(rows, dtype=torch.long), "ref_w": torch.cat(ref_w), "ref_l": torch.cat(ref_l)}
 
 
 def default_cache_root() -> Path:
@@ -278,22 +294,109 @@ def _check_cacheable(cfg) -> None:
                         f"({cfg.objective.variant.value}); the cache serves Pick-a-Pic pairs")
 
 
+def encoder_dtypes(cfg, vae_cfg) -> tuple[torch.dtype, torch.dtype]:
+    """(text encoders, VAE) dtypes of a cache build. The text encoders run in the run's weight
+    dtype (``mixed_precision`` bf16/fp16, as training runs its frozen parts); the VAE in fp32
+    unless its config says ``force_upcast: false``: diffusers' flag of a VAE that is not safe in
+    half precision (SDXL's overflows in fp16 and says true; a fixed one such as
+    madebyollin/sdxl-vae-fp16-fix, given as ``model_opts.vae``, says false and then runs in the
+    weight dtype). A VAE is a small part of a model's weights, so fp32 costs little."""
+    weight = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+    upcast = vae_cfg.get("force_upcast", True) if hasattr(vae_cfg, "get") else getattr(vae_cfg, "force_upcast", True)
+    return weight, (torch.float32 if upcast else weight)
+
+
+def load_cache_encoders(cfg, device: str | torch.device = "cpu"):
+    """The adapter a cache build of ``cfg`` runs: the VAE and text encoders in
+    :func:`encoder_dtypes`, never the whole pipeline in fp32 (FLUX.1: ~67 GB). The denoiser is
+    loaded only for ``loss.cached_reference`` (its reference losses go into the cache), in the
+    weight dtype, as the trainer's reference runs."""
+    from ..models import load_encoders, vae_config
+
+    text, vae = encoder_dtypes(cfg, vae_config(cfg.model, cfg.model_opts))
+    return load_encoders(cfg.model, cfg.model_opts, dtype=text, vae_dtype=vae, device=device, denoiser=_cached_reference(cfg))
+
+
+def build_group(seen: list[tuple[str, int, bool]], rank: int) -> tuple[list[int], int]:
+    """(members, leader) of the build group of process ``rank``, from every process's
+    ``(host name, local process index, whether it saw the main process's probe file)``.
+
+    All saw it: the cache directory is shared, and every process builds its part of one cache,
+    the main process (0) leading. Otherwise it is node-local: each host's processes build that
+    host's copy, led by its local main process (local index 0), which writes the index there."""
+    if all(saw for _, _, saw in seen):
+        return list(range(len(seen))), 0
+    host = seen[rank][0]
+    members = [r for r, (h, _, _) in enumerate(seen) if h == host]
+    return members, next((r for r in members if seen[r][1] == 0), members[0])
+
+
+class BuildGroup:
+    """The processes that build one cache directory together, and this process's place among
+    them (:func:`build_group`). Without an accelerator, or with one process, it is this process
+    alone. Every method is called by every process of the run, in the same order (the barriers
+    and gathers are collective)."""
+
+    def __init__(self, accelerator=None, out: Path | None = None) -> None:
+        self.accelerator = accelerator if accelerator is not None and accelerator.num_processes > 1 else None
+        self.size, self.position, self.is_leader, self.tag = 1, 0, True, None
+        if self.accelerator is None:
+            return
+        import socket
+
+        from accelerate.utils import broadcast_object_list, gather_object
+
+        acc = self.accelerator
+        nonce = broadcast_object_list([os.urandom(6).hex()])[0]  # process 0's: one name everywhere
+        probe = out.parent / f".{out.name}.probe-{nonce}"
+        if acc.is_main_process:
+            probe.touch()
+        acc.wait_for_everyone()
+        seen = gather_object([(socket.gethostname(), acc.local_process_index, probe.exists())])
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            probe.unlink(missing_ok=True)
+        members, leader = build_group(seen, acc.process_index)
+        self.size, self.position = len(members), members.index(acc.process_index)
+        self.is_leader = acc.process_index == leader
+        self.tag = f"{nonce}-{leader}"  # node-local groups that share a disk after all never share a staging dir
+
+    def barrier(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+    def work_dir(self, out: Path) -> Path:
+        """The private staging directory beside ``out`` (one name for the whole group)."""
+        if self.tag is None:
+            return Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
+        work = out.parent / f".{out.name}.build-{self.tag}"
+        work.mkdir(exist_ok=True)
+        return work
+
+
 @torch.no_grad()
-def build_cache(cfg, adapter, batch_size: int = 16, shard_rows: int = 4096, cache_dir: str | None = None) -> Path:
+def build_cache(cfg, adapter, batch_size: int = 16, shard_rows: int = 4096, cache_dir: str | None = None,
+                accelerator=None) -> Path:
     """Encode every usable pair of ``cfg.data`` once into ``cache_dir`` (default
-    ``data_opts.cache_dir``); returns the cache dir."""
+    ``data_opts.cache_dir``); returns the cache dir. With an ``accelerator`` of several
+    processes, every process calls this and encodes its share (:class:`BuildGroup`)."""
     _check_cacheable(cfg)
     out = Path(cache_dir or cfg.data_opts.cache_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
+    group = BuildGroup(accelerator, out)
     # build in a private directory beside the cache and publish when complete: two runs that
     # build the same cache at once (the testbed job trains several methods on one pair set in
     # parallel) must never see each other's half-written or deleted files
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
+    work = group.work_dir(out)
     try:
-        _write_cache(cfg, adapter, work, batch_size, shard_rows)
-        _publish_cache(work, out)
+        _write_cache(cfg, adapter, work, batch_size, shard_rows, group)
+        group.barrier()  # every member is done reading the staging files
+        if group.is_leader:
+            _publish_cache(work, out)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if group.is_leader:
+            shutil.rmtree(work, ignore_errors=True)
+    group.barrier()  # published before any member reads it
     return out
 
 
@@ -301,7 +404,8 @@ def _publish_cache(work: Path, out: Path) -> None:
     """Move a complete cache from ``work`` into ``out`` file by file (each an atomic rename),
     ``index.json`` last; the old index goes first, so a cache is never complete-looking with a
     mix of files (old shards beyond the new count are removed). When another run has meanwhile
-    published a cache of the same fingerprint, that one stays untouched (it may be being read)."""
+    published a cache of the same fingerprint, that one stays untouched (it may be being read).
+    Subdirectories of ``work`` (the members' bookkeeping) are not published."""
     out.mkdir(parents=True, exist_ok=True)
     try:
         if json.loads((out / "index.json").read_text())["fingerprint"] == json.loads((work / "index.json").read_text())["fingerprint"]:
@@ -309,8 +413,8 @@ def _publish_cache(work: Path, out: Path) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     (out / "index.json").unlink(missing_ok=True)
-    new = {f.name for f in work.iterdir()}
-    for old in [*out.glob("shard-*.safetensors"), out / "reference.safetensors"]:
+    new = {f.name for f in work.iterdir() if f.is_file()}
+    for old in [*out.glob("shard-*.safetensors"), *out.glob("captions*.safetensors"), out / "reference.safetensors"]:
         if old.name not in new:
             old.unlink(missing_ok=True)
     for name in sorted(new - {"index.json"}):
@@ -318,22 +422,81 @@ def _publish_cache(work: Path, out: Path) -> None:
     os.replace(work / "index.json", out / "index.json")
 
 
-def _write_cache(cfg, adapter, out: Path, batch_size: int, shard_rows: int) -> None:
-    """The cache files of :func:`build_cache`, into the empty directory ``out``."""
-    from ..files import save_safetensors as save_file
+MOMENTS = ("mean_w", "std_w", "mean_l", "std_l")
+_SHARD_BYTES = 1 << 30  # a file's rows are held in RAM until written: ~1 GiB, whatever shard_rows says
 
-    fingerprint = cache_fingerprint(cfg, adapter)  # of the inputs as they are read now
+
+class _ShardWriter:
+    """Rows (dicts of batch-first tensors) into ``<prefix>-00000.safetensors``, ... of at most
+    ``max_rows`` rows and about :data:`_SHARD_BYTES` each: one file's rows in RAM at a time (a
+    FLUX.1 caption embedding is 4 MiB in bf16, a 1024 px pair with flips 8 MiB in fp32)."""
+
+    def __init__(self, out: Path, prefix: str, max_rows: int) -> None:
+        self.out, self.prefix, self.max_rows = out, prefix, max(1, max_rows)
+        self.files: list[str] = []
+        self.counts: list[int] = []
+        self.held: dict[str, list[torch.Tensor]] = {}
+        self.rows = 0
+        self.row_bytes = 0
+
+    def room(self) -> int:
+        """Rows the current file still takes."""
+        limit = self.max_rows if not self.row_bytes else max(1, min(self.max_rows, _SHARD_BYTES // self.row_bytes))
+        return max(0, limit - self.rows)
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
+        """Append rows (no more than :meth:`room`); returns (file number, offset of the first)."""
+        n = len(next(iter(tensors.values())))
+        at = (len(self.files), self.rows)
+        for k, v in tensors.items():
+            self.held.setdefault(k, []).append(v)
+        self.rows += n
+        self.row_bytes = max(self.row_bytes, sum(v[0].numel() * v.element_size() for v in tensors.values()))
+        if self.room() == 0:
+            self.flush()
+        return at
+
+    def add_all(self, tensors: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+        """Append rows across as many files as they fill; (file number, offset) of each row."""
+        n, done, where = len(next(iter(tensors.values()))), 0, []
+        while done < n:
+            k = min(self.room() or 1, n - done)
+            f, off = self.add({name: v[done:done + k] for name, v in tensors.items()})
+            where += [(f, off + j) for j in range(k)]
+            done += k
+        return where
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        from ..files import save_safetensors
+
+        name = f"{self.prefix}-{len(self.files):05d}.safetensors"
+        save_safetensors({k: torch.cat(v).contiguous() for k, v in self.held.items()}, self.out / name)
+        self.files.append(name)
+        self.counts.append(self.rows)
+        self.held, self.rows = {}, 0
+
+
+def _stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor as the cache stores it: floating point in the cache dtype (masks keep theirs)."""
+    return t.to("cpu", dtype) if t.is_floating_point() else t.cpu()
+
+
+def _encode_pairs(cfg, adapter, out: Path, batch_size: int, shard_rows: int, group: BuildGroup, dtype: torch.dtype) -> dict:
+    """Encode this process's share of the source rows (``i % group.size == group.position``) into
+    its own shards ``shard-r<P>-<K>``; returns its part of the index (rows with caption texts)."""
     opts = cfg.data_opts
     dataset = load_preference_dataset(cfg.data, opts)
+    n_rows = len(dataset) if opts.max_samples is None else min(opts.max_samples, len(dataset))
     transform = PairTransform(opts.resolution, random_crop=False, random_flip=False)
+    me, size = group.position, group.size
+    writer = _ShardWriter(out, f"shard-r{me}", shard_rows)
     skipped: Counter = Counter()
-    captions: dict[str, int] = {"": 0}
     rows: list[dict] = []
-    pending: list[tuple] = []
-    shard_tensors: dict[str, list[torch.Tensor]] = {}
-    shard_idx = 0
+    pending: list[tuple] = []  # (px_w, px_l, source row, caption) waiting for a VAE batch
 
-    def flush_batch():
+    def encode_pending():
         if not pending:
             return
         px_w = torch.stack([p[0] for p in pending])
@@ -341,26 +504,21 @@ def _write_cache(cfg, adapter, out: Path, batch_size: int, shard_rows: int) -> N
         views = {"": (px_w, px_l)}
         if opts.random_flip:
             views["flip_"] = (px_w.flip(-1), px_l.flip(-1))
+        tensors = {}
         for prefix, (w, l) in views.items():
             mean, std = adapter.encode_moments(torch.cat([w, l]))
             n = w.shape[0]
             for name, t in ((f"{prefix}mean_w", mean[:n]), (f"{prefix}mean_l", mean[n:]),
                             (f"{prefix}std_w", std[:n]), (f"{prefix}std_l", std[n:])):
-                shard_tensors.setdefault(name, []).append(t.float().cpu())
+                tensors[name] = _stored(t, dtype)
+        for (_, _, i, caption), (f, off) in zip(pending, writer.add_all(tensors)):
+            rows.append({"source_row": i, "caption": caption, "shard": f, "offset": off})
         pending.clear()
 
-    def flush_shard():
-        nonlocal shard_idx
-        flush_batch()
-        if shard_tensors:
-            save_file({k: torch.cat(v).contiguous() for k, v in shard_tensors.items()}, out / f"shard-{shard_idx:05d}.safetensors")
-            shard_tensors.clear()
-            shard_idx += 1
-
-    n_rows = len(dataset) if opts.max_samples is None else min(opts.max_samples, len(dataset))
-    for i, row in enumerate(progress(dataset, total=n_rows, desc="cache latents")):
-        if i >= n_rows:
-            break
+    mine = dataset.select(range(me, n_rows, size))
+    desc = "cache latents" if size == 1 else f"cache latents (process {me + 1}/{size})"
+    for j, row in enumerate(progress(mine, total=len(mine), desc=desc)):
+        i = me + j * size
         reason, swap = classify_row(row, opts)
         caption = row.get(opts.caption_column) or ""
         if reason is None and not isinstance(caption, str):
@@ -375,29 +533,94 @@ def _write_cache(cfg, adapter, out: Path, batch_size: int, shard_rows: int) -> N
             continue
         chosen, rejected = (img1, img0) if swap else (img0, img1)
         px_w, px_l = transform(chosen, rejected, random.Random(0))
-        pending.append((px_w, px_l))
-        captions.setdefault(caption, len(captions))
-        rows.append({"source_row": i, "caption": captions[caption], "shard": shard_idx,
-                     "offset": sum(len(p) for p in shard_tensors.get("mean_w", [])) + len(pending) - 1})
+        pending.append((px_w, px_l, i, caption))
         if len(pending) >= batch_size:
-            flush_batch()
-        if sum(len(p) for p in shard_tensors.get("mean_w", [])) >= shard_rows:
-            flush_shard()
-    flush_shard()
-    if not rows:
-        raise UserError(f"data={cfg.data!r}: no usable pair to cache (skipped: {dict(skipped)})")
+            encode_pending()
+    encode_pending()
+    writer.flush()
+    return {"rows": rows, "skipped": dict(skipped), "shard_files": writer.files, "source_rows": n_rows}
 
-    caption_list = sorted(captions, key=captions.get)
-    conds: dict[str, list[torch.Tensor]] = {}
-    for start in progress(range(0, len(caption_list), batch_size), desc="cache text"):
-        for k, v in adapter.encode_prompt(caption_list[start:start + batch_size]).items():
-            conds.setdefault(k, []).append(v.float().cpu())
-    save_file({k: torch.cat(v).contiguous() for k, v in conds.items()}, out / "captions.safetensors")
-    index = {"fingerprint": fingerprint, "rows": rows, "captions": caption_list,
-             "skipped": dict(skipped), "shards": shard_idx, "source_rows": n_rows}
+
+def _merge_parts(parts: list[dict]) -> tuple[list[dict], list[str], dict, list[str]]:
+    """(rows in source order with caption ids and global shard numbers, shard files, skip counts,
+    unique captions): the same rows and caption ids as one process building alone."""
+    shard_files: list[str] = []
+    rows: list[dict] = []
+    skipped: Counter = Counter()
+    for part in parts:
+        rows += [{**r, "shard": r["shard"] + len(shard_files)} for r in part["rows"]]
+        shard_files += part["shard_files"]
+        skipped.update(part["skipped"])
+    rows.sort(key=lambda r: r["source_row"])
+    captions: dict[str, int] = {"": 0}  # the empty caption of data_opts.empty_prompt_prob
+    for r in rows:
+        r["caption"] = captions.setdefault(r["caption"], len(captions))
+    return rows, shard_files, dict(skipped), sorted(captions, key=captions.get)
+
+
+def _encode_captions(adapter, captions: list[str], out: Path, batch_size: int, shard_rows: int, group: BuildGroup,
+                     dtype: torch.dtype) -> dict:
+    """Encode this process's block of the unique captions (contiguous ids, so files in process
+    order hold ids in order) into ``captions-r<P>-<K>``, one file in RAM at a time."""
+    per = -(-len(captions) // group.size)
+    lo, hi = min(len(captions), group.position * per), min(len(captions), (group.position + 1) * per)
+    writer = _ShardWriter(out, f"captions-r{group.position}", shard_rows)
+    start = lo
+    with progress(total=hi - lo, desc="cache text") as bar:
+        while start < hi:
+            chunk = captions[start:min(hi, start + min(batch_size, writer.room() or 1))]
+            writer.add({k: _stored(v, dtype) for k, v in adapter.encode_prompt(chunk).items()})
+            start += len(chunk)
+            bar.update(len(chunk))
+    writer.flush()
+    return {"caption_files": writer.files, "caption_rows": writer.counts}
+
+
+def _write_cache(cfg, adapter, out: Path, batch_size: int, shard_rows: int, group: BuildGroup | None = None) -> None:
+    """The cache files of :func:`build_cache`, into the empty directory ``out``; every member of
+    ``group`` calls it (the members meet at barriers between the phases)."""
+    from ..files import save_safetensors as save_file
+
+    group = group or BuildGroup()
+    me = group.position
+    fingerprint = cache_fingerprint(cfg, adapter)  # of the inputs as they are read now
+    dtype = CACHE_DTYPES[cfg.data_opts.cache_dtype]
+    parts = out / "parts"  # the members' bookkeeping; not published
+    parts.mkdir(exist_ok=True)
+    # 1. latents: this member's rows into its shards
+    (parts / f"pairs-r{me}.json").write_text(json.dumps(_encode_pairs(cfg, adapter, out, batch_size, shard_rows, group, dtype)))
+    group.barrier()
+    pair_parts = [json.loads((parts / f"pairs-r{p}.json").read_text()) for p in range(group.size)]
+    rows, shard_files, skipped, captions = _merge_parts(pair_parts)
+    if not rows:
+        raise UserError(f"data={cfg.data!r}: no usable pair to cache (skipped: {skipped})")
+    # 2. text: this member's block of the unique captions
+    (parts / f"captions-r{me}.json").write_text(json.dumps(_encode_captions(adapter, captions, out, batch_size, shard_rows,
+                                                                             group, dtype)))
+    group.barrier()
+    caption_parts = [json.loads((parts / f"captions-r{p}.json").read_text()) for p in range(group.size)]
+    index = {"fingerprint": fingerprint, "rows": rows, "captions": captions, "skipped": skipped,
+             "shards": len(shard_files), "shard_files": shard_files,
+             "caption_files": [f for c in caption_parts for f in c["caption_files"]],
+             "caption_rows": [n for c in caption_parts for n in c["caption_rows"]],
+             "source_rows": pair_parts[0]["source_rows"], "built_by": group.size}
+    # 3. cached_reference: the reference losses of this member's share of the pairs
     if _cached_reference(cfg):
-        compute_reference_losses(cfg, adapter, out, index, batch_size)
-    (out / "index.json").write_text(json.dumps(index))  # last: a cache without index.json is incomplete
+        mine = list(range(me, len(rows), group.size))
+        save_file(compute_reference_losses(cfg, adapter, CacheReader(out, index), index, mine, batch_size),
+                  parts / f"reference-r{me}.safetensors")
+        group.barrier()
+        if group.is_leader:
+            from safetensors.torch import load_file
+
+            ref = {"ref_w": torch.zeros(len(rows)), "ref_l": torch.zeros(len(rows))}
+            for p in range(group.size):
+                got = load_file(str(parts / f"reference-r{p}.safetensors"))
+                for k in ref:
+                    ref[k][got["row"]] = got[k]
+            save_file(ref, out / "reference.safetensors")
+    if group.is_leader:
+        (out / "index.json").write_text(json.dumps(index))  # last: a cache without index.json is incomplete
 
 
 def check_cache(cfg, adapter, announce: bool = True, cache_dir: str | None = None) -> dict | None:
@@ -434,9 +657,56 @@ def check_cache(cfg, adapter, announce: bool = True, cache_dir: str | None = Non
     return index
 
 
+class _RowFile:
+    """One safetensors file of a cache, opened on first use and memory-mapped: a row read copies
+    that row alone, so a rank holds no whole shard (before, every rank loaded every file)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self._file, self._keys = path, None, None
+
+    def __getstate__(self) -> dict:  # a DataLoader worker started by spawn opens the file itself
+        return {"path": self.path, "_file": None, "_keys": None}
+
+    def _open(self):
+        if self._file is None:
+            from safetensors import safe_open
+
+            self._file = safe_open(str(self.path), framework="pt")
+            self._keys = list(self._file.keys())
+        return self._file
+
+    def keys(self) -> list[str]:
+        self._open()
+        return self._keys
+
+    def row(self, name: str, i: int) -> torch.Tensor:
+        return self._open().get_slice(name)[i]
+
+
+class CacheReader:
+    """A cache directory's rows by index: a pair's latent moments, a caption's conditioning."""
+
+    def __init__(self, cache_dir: str | Path, index: dict) -> None:
+        d = Path(cache_dir)
+        self.shards = [_RowFile(d / name) for name in index["shard_files"]]
+        self.captions = [_RowFile(d / name) for name in index["caption_files"]]
+        self._first_id = np.cumsum([0, *index["caption_rows"]])  # first caption id of each file
+
+    def moments(self, row: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+        """``mean_w``, ``std_w``, ``mean_l``, ``std_l`` of ``row`` (an ``index["rows"]`` entry); ``prefix="flip_"``: of its flipped view."""
+        shard = self.shards[row["shard"]]
+        return {k: shard.row(prefix + k, row["offset"]) for k in MOMENTS}
+
+    def cond(self, caption_id: int) -> dict[str, torch.Tensor]:
+        f = int(np.searchsorted(self._first_id, caption_id, side="right")) - 1
+        file = self.captions[f]
+        return {k: file.row(k, caption_id - int(self._first_id[f])) for k in file.keys()}
+
+
 class CachedPairStream(torch.utils.data.IterableDataset):
     """Endless per-rank stream over a latent cache; same sharding, shuffling and resume state
-    as :class:`~diffalign.data.pickapic.PreferencePairStream`."""
+    as :class:`~diffalign.data.pickapic.PreferencePairStream`. Rows are read from the files as
+    they are drawn (:class:`CacheReader`)."""
 
     def __init__(self, cache_dir: str, index: dict, opts, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         from safetensors.torch import load_file
@@ -444,9 +714,10 @@ class CachedPairStream(torch.utils.data.IterableDataset):
         super().__init__()
         self.dir, self.index, self.opts = Path(cache_dir), index, opts
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.shards = [load_file(str(self.dir / f"shard-{i:05d}.safetensors")) for i in range(index["shards"])]
-        self.conds = load_file(str(self.dir / "captions.safetensors"))
+        self.reader = CacheReader(cache_dir, index)
+        self.shards = self.reader.shards
         fp = index["fingerprint"]
+        # two floats a pair: loaded whole
         self.reference = load_file(str(self.dir / "reference.safetensors")) if fp.get("cached_reference") else None
         self.row_seed_base = fp.get("seed")
         self._state: dict = {"epoch": 0, "pos": 0, "rng": None, "skipped": {}}
@@ -490,7 +761,6 @@ class CachedPairStream(torch.utils.data.IterableDataset):
             epoch, start = epoch + 1, 0
 
     def _example(self, row: dict, rng: random.Random, i: int = 0) -> dict:
-        shard, off = self.shards[row["shard"]], row["offset"]
         caption_id = row["caption"]
         # the draws in the uncached stream's order: empty caption, then flip (PairTransform)
         if self.opts.empty_prompt_prob > 0 and rng.random() < self.opts.empty_prompt_prob:
@@ -504,10 +774,8 @@ class CachedPairStream(torch.utils.data.IterableDataset):
             extra = {"row_seed": torch.tensor(row_seed(self.row_seed_base, i)),
                      "ref_w": self.reference["ref_w"][i], "ref_l": self.reference["ref_l"][i]}
         return {
-            **extra,
-            "mean_w": shard[p + "mean_w"][off], "std_w": shard[p + "std_w"][off],
-            "mean_l": shard[p + "mean_l"][off], "std_l": shard[p + "std_l"][off],
-            "cond": {k: v[caption_id] for k, v in self.conds.items()},
+            **extra, **self.reader.moments(row, p),
+            "cond": self.reader.cond(caption_id),
             "caption": self.index["captions"][caption_id],
         }
 
@@ -526,16 +794,22 @@ def collate_cached(examples: list[dict]) -> CachedPairBatch:
 
 
 def cached_dataloader(cfg, adapter, accelerator, cache_dir: str | None = None):
-    """Build the cache in ``cache_dir`` (default ``data_opts.cache_dir``) on first use (main
-    process), then a loader over it on every rank. One line on the main process says which
-    cache the run reads, and whether it was built now."""
+    """Build the cache in ``cache_dir`` (default ``data_opts.cache_dir``) on first use, every
+    process encoding its share (:func:`build_cache`), then a loader over it on every rank. One
+    line on the main process says which cache the run reads, and whether it was built now."""
     _check_cacheable(cfg)
     cache_dir = cache_dir or cfg.data_opts.cache_dir
-    built = False
-    if accelerator.is_main_process and check_cache(cfg, adapter, cache_dir=cache_dir) is None:
-        adapter.restore_encoders()  # a trainer may have loaded the model without them, expecting a cache
-        build_cache(cfg, adapter, cache_dir=cache_dir)
-        built = True
+    missing = check_cache(cfg, adapter, announce=accelerator.is_main_process, cache_dir=cache_dir) is None
+    if accelerator.num_processes > 1:  # one decision for all: a build takes every process
+        from accelerate.utils import gather_object
+
+        missing = any(gather_object([missing]))
+    if missing:
+        # a trainer may have loaded the model without them, expecting a cache; they come back in
+        # the dtypes `diffalign cache` uses, so both build the same cache
+        adapter.restore_encoders(*encoder_dtypes(cfg, adapter.vae_config))
+        build_cache(cfg, adapter, cache_dir=cache_dir, accelerator=accelerator)
+    built = missing
     accelerator.wait_for_everyone()
     index = check_cache(cfg, adapter, announce=False, cache_dir=cache_dir)
     if index is None:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..hub import check_hub_name
 from ..files import decode_image as decode_image_bytes
 from ..files import rgb_image
 from .batches import PairBatch
@@ -52,6 +53,8 @@ def load_raw_dataset(source: str, opts) -> Any:
     if not source:
         raise UserError("config key 'data' is empty: give a hub id, a dataset dir or parquet file(s)")
     files = parquet_files(source)
+    if files is None:
+        check_hub_name(source, "data", repo_type="dataset")
     try:
         if files is not None:
             return datasets.load_dataset("parquet", data_files={"train": files}, split="train", streaming=opts.streaming)
@@ -164,7 +167,9 @@ class PreferencePairStream(torch.utils.data.IterableDataset):
     """Endless, per-rank, per-worker stream of ``{pixels_w, pixels_l, caption, skipped}``.
 
     Epochs reshuffle with ``seed + epoch``; rank r of W (and worker k of K) takes every
-    (W*K)-th row, so ranks see disjoint data. Endless iteration keeps DDP ranks in lock-step
+    (W*K)-th row, so ranks see disjoint data. A streamed dataset is split by rank with
+    ``datasets.distributed.split_dataset_by_node`` (whole files per rank when they divide evenly:
+    a rank does not download the others' rows), then every K-th row per worker. Endless iteration keeps DDP ranks in lock-step
     even when they skip different numbers of bad rows (the trainer loops on ``max_steps``).
     """
 
@@ -191,6 +196,17 @@ class PreferencePairStream(torch.utils.data.IterableDataset):
         limit = self.opts.max_samples
         if isinstance(self.dataset, datasets.IterableDataset):
             ds = self.dataset.shuffle(seed=self.seed + epoch, buffer_size=self.opts.shuffle_buffer)
+            if self.world_size > 1:
+                # each rank reads only its own files when the file count divides by the ranks
+                # (Pick-a-Pic v2 has hundreds of parquet shards); otherwise datasets keeps every
+                # world_size-th row, as the modulo below did. The same seed on every rank keeps the
+                # shuffled file list identical, so the ranks' files are disjoint.
+                from datasets.distributed import split_dataset_by_node
+
+                ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
+                workers = num_shards // self.world_size
+                shard, num_shards = shard % workers, workers
+                limit = None if limit is None else -(-limit // self.world_size)
             pos = 0
             for i, row in enumerate(ds):
                 if limit is not None and i >= limit:

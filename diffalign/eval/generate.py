@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -239,20 +240,14 @@ def make_grid(paths: list[list[Path]], out: Path, scale: int = 1) -> Path | None
     return out
 
 
-def _progress(total: int, desc: str):
-    from ..logging import progress
-
-    return progress(total=total, desc=desc, unit="img", inner=True)
-
-
-def run_eval(cfg: EvalConfig, pipe=None, prompts: list[str] | None = None) -> dict:
+def run_eval(cfg: EvalConfig, pipe=None, prompts: list[str] | None = None, nested: bool = True) -> dict:
     """Generate ``cfg.seeds`` images per prompt, score with every reward, write the outputs.
 
     Returns the summary dict (also written to ``summary.json``). ``pipe``/``prompts`` may be
-    given to reuse a loaded pipeline or an in-memory prompt list.
+    given to reuse a loaded pipeline or an in-memory prompt list. ``nested=False`` (the ``eval``
+    command) makes the image bar the outermost one, so it reports to log files too.
+    A run that fails removes the output directory it created: no empty or half-written results.
     """
-    import torch
-
     from ..rewards import get_reward
 
     t0 = time.perf_counter()
@@ -262,19 +257,33 @@ def run_eval(cfg: EvalConfig, pipe=None, prompts: list[str] | None = None) -> di
         raise UserError("--seeds must be >= 1")
     prompts = list(prompts) if prompts is not None else resolve_prompts(cfg.prompts, cfg.num_prompts)
     out = Path(cfg.out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
     rewards, columns = [], []
     for spec in cfg.rewards:
         rewards.append(get_reward(spec))
         columns.append(reward_column(spec, set(columns)))
     if pipe is None:
         pipe = load_pipeline(cfg.model, cfg.lora, cfg.device)
+    created = not out.exists()
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    try:
+        return _generate_and_score(cfg, pipe, prompts, rewards, columns, out, t0, nested)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _generate_and_score(cfg: EvalConfig, pipe, prompts: list[str], rewards: list, columns: list[str], out: Path,
+                        t0: float, nested: bool) -> dict:
+    import torch
+
+    from ..logging import progress
 
     items = [(pi, p, image_seed(pi, i, cfg.base_seed)) for pi, p in enumerate(prompts) for i in range(cfg.seeds)]
     rows: list[dict] = []
     scores: dict[str, list[float]] = {c: [] for c in columns}
     detail_cols: list[str] = []
-    bar = _progress(len(items), f"eval {cfg.label or out.name}")
+    bar = progress(total=len(items), desc=f"eval {cfg.label or out.name}", unit="img", inner=nested)
     for start in range(0, len(items), cfg.batch_size):
         batch = items[start : start + cfg.batch_size]
         caps = [b[1] for b in batch]

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..hub import check_hub_name
 from .base import AttentionError, Cond, DiffusionAdapter, SamplingSchedule, cat_cond, index_cond, repeat_cond
 from .flow import FlowMatchAdapter
 from .flux import FluxAdapter
@@ -44,6 +45,7 @@ def detect_family(model: str, revision: str | None = None) -> str:
     if looks_like_a_path(model) and not Path(model).expanduser().exists():
         raise UnsupportedModelError(f"model={model!r}: no such directory (a hub id is ORG/NAME; a local model is a "
                                     "diffusers pipeline directory)")
+    check_hub_name(model, "model")
     try:
         index = DiffusionPipeline.load_config(model, revision=revision)
     except Exception as e:
@@ -79,8 +81,30 @@ def load_adapter(model: str, opts=None, dtype: torch.dtype = torch.float32, devi
     return adapter
 
 
+def load_encoders(model: str, opts=None, dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
+                  device: str | torch.device = "cpu", denoiser: bool = False) -> DiffusionAdapter:
+    """The family's adapter with the VAE and text encoders only: what a latent-cache build runs.
+
+    The denoiser (FLUX.1's 12B transformer: 48 GB in fp32) is not loaded unless ``denoiser``
+    (the cached-reference estimator runs it once per pair). The text encoders (and a loaded
+    denoiser) come in ``dtype``, the VAE in ``vae_dtype`` (default ``dtype``): diffusers reads a
+    per-component dtype, so nothing is loaded in one dtype and cast to another.
+    """
+    from ..config import ModelOptions
+
+    opts = opts or ModelOptions()
+    adapter_cls = FAMILIES[detect_family(model, opts.revision)]
+    skip = () if denoiser else (adapter_cls.denoiser_name,)
+    pipe = load_pipeline(model, adapter_cls, opts, {"default": dtype, "vae": vae_dtype or dtype}, skip)
+    adapter = adapter_cls(pipe, model, opts)
+    for module in (*adapter.frozen_modules(), adapter.denoiser):
+        if module is not None:
+            module.to(device)
+    return adapter
+
+
 __all__ = [
     "AttentionError", "Cond", "DiffusionAdapter", "FAMILIES", "FlowMatchAdapter", "Flux2Adapter", "Flux2KleinAdapter", "FluxAdapter",
     "PIPELINES", "QwenImageAdapter", "SD3Adapter", "SDXLAdapter", "SamplingSchedule", "UNetAdapter", "UnsupportedModelError", "cat_cond",
-    "detect_family", "index_cond", "load_adapter", "load_pipeline", "repeat_cond", "vae_config",
+    "detect_family", "index_cond", "load_adapter", "load_encoders", "load_pipeline", "repeat_cond", "vae_config",
 ]

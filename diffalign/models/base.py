@@ -110,7 +110,8 @@ class DiffusionAdapter:
         for module in self.frozen_modules():
             module.requires_grad_(False)
             module.eval()
-        self.set_attention(opts.attention)
+        if self.denoiser is not None:  # a cache build loads no denoiser (models.load_encoders): nothing attends
+            self.set_attention(opts.attention)
 
     # ----------------------------------------------------------------------- components
     @property
@@ -156,6 +157,9 @@ class DiffusionAdapter:
         vae = self.pipe.vae
         if vae is not None:
             vae_config, device, dtype = vae.config, next(vae.parameters()).device, next(vae.parameters()).dtype
+            # encoders restored for a cache build (VAE in fp32) keep the latent dtype the run
+            # recorded before, so a run that builds its cache samples latents as one reading it
+            dtype = getattr(self, "_dtype_before_restore", None) or dtype
             self.keep_from_vae(vae)
         self._released = {"vae_config": vae_config, "device": torch.device(device), "dtype": dtype}
         self.pipe.vae = None
@@ -171,17 +175,21 @@ class DiffusionAdapter:
         """Keep what the latent scaling needs of ``vae`` before :meth:`release_encoders` drops it
         (nothing by default: the config is kept anyway)."""
 
-    def restore_encoders(self) -> None:
+    def restore_encoders(self, dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None) -> None:
         """Load the VAE and text encoders (released by :meth:`release_encoders`, or never loaded)
-        from ``model_id``, in the dtype and on the device recorded for them; the denoiser is kept."""
+        from ``model_id`` on the device recorded for them; the denoiser is kept. The text encoders
+        come in ``dtype``, the VAE in ``vae_dtype`` (default: ``dtype``, else the dtype recorded)."""
         if not self.encoders_released:
             return
         from .loading import load_pipeline
 
         released = self._released
         names = ("vae", *self.TEXT_ENCODER_NAMES)
-        fresh = load_pipeline(self.model_id, type(self), self.opts, released["dtype"], skip=(self.denoiser_name,))
+        text = dtype or released["dtype"]
+        fresh = load_pipeline(self.model_id, type(self), self.opts, {"default": text, "vae": vae_dtype or text},
+                              skip=(self.denoiser_name,))
         self._released = None
+        self._dtype_before_restore = released["dtype"]
         for name in names:
             module = getattr(fresh, name, None)
             if module is not None:
@@ -318,9 +326,24 @@ class DiffusionAdapter:
         type(self.pipe).save_lora_weights(output_dir, **{f"{self.denoiser_name}_lora_layers": layers}, safe_serialization=True)
 
     def save_full(self, output_dir: str) -> None:
-        """Write the whole pipeline (trained denoiser included) as a diffusers model dir."""
+        """Write the whole pipeline (trained denoiser included) as a diffusers model dir. The frozen
+        components are saved at full precision: a bf16/fp16 run loaded them in its weight dtype, and
+        the saved pipeline must not lose the base's precision in everything it did not train."""
+        from .loading import load_pipeline
+
         self.restore_encoders()  # a pipeline dir needs every component
-        self.pipe.save_pretrained(output_dir, safe_serialization=True)
+        frozen = {name: getattr(self.pipe, name, None) for name in ("vae", *self.TEXT_ENCODER_NAMES)}
+        reduced = {name: m for name, m in frozen.items()
+                   if isinstance(m, torch.nn.Module) and any(p.dtype != torch.float32 for p in m.parameters())}
+        if not reduced:
+            self.pipe.save_pretrained(output_dir, safe_serialization=True)
+            return
+        fresh = load_pipeline(self.model_id, type(self), self.opts, torch.float32, skip=(self.denoiser_name,))
+        self.pipe.register_modules(**{name: getattr(fresh, name) for name in reduced})
+        try:
+            self.pipe.save_pretrained(output_dir, safe_serialization=True)
+        finally:
+            self.pipe.register_modules(**reduced)
 
     # ----------------------------------------------------------------------- images
     @torch.no_grad()
@@ -352,7 +375,17 @@ class DiffusionAdapter:
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [0, 1], float32 [B,3,H,W]."""
+        """Latents -> images in [0, 1], float32 [B,3,H,W], ``model_opts.vae_decode_batch`` images per
+        VAE call (0: all at once). A VAE decode's peak memory grows with the images it decodes: the
+        large VAEs at 512-1024 px need several GB per image in flight."""
+        chunk = self.opts.vae_decode_batch or latents.shape[0]
+        if chunk >= latents.shape[0]:
+            return self.decode_batch(latents)
+        return torch.cat([self.decode_batch(part) for part in latents.split(chunk)])
+
+    @torch.no_grad()
+    def decode_batch(self, latents: torch.Tensor) -> torch.Tensor:
+        """One VAE call of :meth:`decode_latents` (families with their own latent layout override this)."""
         vae = self.vae
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         x = latents.to(vae.dtype) / vae.config.scaling_factor + shift

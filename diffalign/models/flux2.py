@@ -110,7 +110,7 @@ class Flux2Adapter(FluxAdapter):
         return (x - mean) / std
 
     @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode_batch(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.vae
         mean, std = self._bn_moments(latents)
         raw = unpatchify(latents.to(vae.device).float() * std + mean)

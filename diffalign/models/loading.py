@@ -5,11 +5,30 @@ from __future__ import annotations
 
 import torch
 
+# The diffusers release whose ``from_pretrained`` (models and pipelines) reads ``dtype=``. Earlier
+# releases read only ``torch_dtype=`` and pass an unknown ``dtype=`` on unused, so the weights stay
+# fp32 without a word; from 0.40 on ``torch_dtype=`` is deprecated (removed in 1.0). pyproject
+# allows diffusers>=0.35, so the keyword follows the installed release.
+DTYPE_KEYWORD_SINCE = "0.40.0"
 
-def load_pipeline(model: str, adapter_cls: type, opts, dtype: torch.dtype = torch.float32,
+
+def dtype_kwarg(dtype) -> dict:
+    """``{"dtype": dtype}`` for the diffusers installed when it reads that keyword, else
+    ``{"torch_dtype": dtype}``; ``dtype`` is a ``torch.dtype`` or diffusers' per-component dict
+    (``{"default": ..., "vae": ...}``, which pipelines read since before 0.35)."""
+    import diffusers
+    from packaging.version import Version
+
+    # a dev build of 0.40 (before its release) may predate the keyword: torch_dtype works there too
+    new = Version(diffusers.__version__) >= Version(DTYPE_KEYWORD_SINCE)
+    return {"dtype" if new else "torch_dtype": dtype}
+
+
+def load_pipeline(model: str, adapter_cls: type, opts, dtype: torch.dtype | dict = torch.float32,
                   skip: tuple[str, ...] = ()):
     """The family's diffusers pipeline of ``model``; the components named in ``skip`` are not
-    loaded (None)."""
+    loaded (None). ``dtype``: one dtype, or a dict by component name with a ``"default"``
+    (``{"default": torch.bfloat16, "vae": torch.float32}``)."""
     import diffusers
 
     kwargs = dict(adapter_cls.pipeline_kwargs)
@@ -19,11 +38,12 @@ def load_pipeline(model: str, adapter_cls: type, opts, dtype: torch.dtype = torc
     kwargs.update({k: None for k in skip if k in index})
     from ..logging import library_call
 
+    vae_dtype = dtype.get("vae", dtype.get("default", torch.float32)) if isinstance(dtype, dict) else dtype
     with library_call():  # the libraries' nested "Loading ..." bars leave ESC[A in logs
         if opts.vae and "vae" not in skip:
-            kwargs["vae"] = diffusers.AutoencoderKL.from_pretrained(opts.vae, dtype=dtype)
+            kwargs["vae"] = diffusers.AutoencoderKL.from_pretrained(opts.vae, **dtype_kwarg(vae_dtype))
         pipe = getattr(diffusers, adapter_cls.pipeline_class).from_pretrained(
-            model, revision=opts.revision, variant=opts.variant, dtype=dtype, **kwargs
+            model, revision=opts.revision, variant=opts.variant, **dtype_kwarg(dtype), **kwargs
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe

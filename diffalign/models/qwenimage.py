@@ -93,7 +93,7 @@ class QwenImageAdapter(FlowMatchAdapter):
         return (z - mean) / std
 
     @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode_batch(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.vae
         z = latents.to(vae.device).float()
         mean, std = self._latent_stats(z)

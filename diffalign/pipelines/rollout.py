@@ -22,13 +22,13 @@ mean, std and Gaussian log-prob), so on-policy log-probs match the recorded ones
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from ..models.base import Cond, cat_cond, index_cond, repeat_cond
 from .schedules import RolloutPlan, SamplingTable
-from .steps import EulerODE, ODESolver, StepKind, split_prediction
+from .steps import EulerODE, ODESolver, StepCoeffs, StepKind, split_prediction
 
 TRANSITION_KEYS = ("x", "x_next", "mean", "log_prob", "std", "step", "timestep", "prompt", "depth", "node")
 
@@ -90,6 +90,15 @@ class Rollout:
         return 0 if not self.transitions else int(self.transitions["log_prob"].shape[0])
 
 
+def _step_coeffs(host: StepCoeffs, on_device: StepCoeffs, i: int, n: int) -> StepCoeffs:
+    """Step ``i``'s coefficients for ``n`` rows, the values of ``table.coeffs_at(i, n, device)``, from
+    every step's coefficients on the CPU (``host``) and on the device (``on_device``) without a
+    transfer; they carry their CPU copy (``.host``) for the solvers' branches."""
+    co = StepCoeffs(**{f.name: getattr(on_device, f.name)[i].repeat(n) for f in fields(StepCoeffs)})
+    co.host = StepCoeffs(**{f.name: getattr(host, f.name)[i].repeat(n) for f in fields(StepCoeffs)})
+    return co
+
+
 def _repeat_state(state: dict, k: int) -> None:
     for key, v in list(state.items()):
         if isinstance(v, torch.Tensor) and v.ndim >= 1:
@@ -134,10 +143,22 @@ def rollout(
     state: dict = {}
     x0 = None
     first_stochastic = next((j for j, st in enumerate(plan.stochastic) if st), 0)
+    # The loop never waits for the device. Its branches are decided on the host, from the table's
+    # CPU coefficients: which planned steps draw noise (a kind with zero std there runs an ODE step)
+    # and the solvers' end-of-schedule checks; a bool() of a device tensor would block until the
+    # queued forwards finish. The table goes to the device once, here: a blocking host-to-device
+    # copy (.to() without non_blocking) waits for the device's queue as well.
+    host = table.coeffs(torch.arange(table.num_steps))
+    noisy = (kind.std(host) > 0).tolist()
+    on_device = host.to(device)
+    timesteps, next_timesteps = table.timesteps.to(device), table.next_timesteps.to(device)
+    # the noise is drawn on the CPU (one generator, the same draws on every device); into pinned
+    # memory on a GPU, so its copy is queued without waiting (pageable memory is staged at once)
+    pinned = device.type == "cuda"
     for i in range(table.num_steps):
         n = x.shape[0]
-        co = table.coeffs_at(i, n, device)
-        t = table.timesteps[i].expand(n).to(device)
+        co = _step_coeffs(host, on_device, i, n)
+        t = timesteps[i].repeat(n)
         x0, eps = split_prediction(model(x, t, rows_prompt, net), x, co.alpha, co.sigma, table.parametrization)
         k = plan.branches.get(i, 1)
         if k > 1:  # one forward per node; its k children share the prediction and differ by their noise
@@ -147,10 +168,10 @@ def rollout(
             rows_per_depth.append(x.shape[0])
             _repeat_state(state, k)
             n = x.shape[0]
-            co = table.coeffs_at(i, n, device)
-        std = kind.std(co)
-        if plan.stochastic[i] and bool((std > 0).all()):
-            z = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device)
+            co = _step_coeffs(host, on_device, i, n)
+        if plan.stochastic[i] and noisy[i]:
+            z = torch.randn(x.shape, generator=generator, dtype=torch.float32, pin_memory=pinned)
+            z = z.to(device, non_blocking=True)
             if k > 1:
                 z = z * plan.split_noise_scale
             x_next, log_prob, mean, std = kind.sample(x, x0, eps, co, z, reduction)
@@ -167,7 +188,7 @@ def rollout(
         else:
             predict_next = None
             if float(table.next_timesteps[i]) >= 0:
-                t_next = table.next_timesteps[i].expand(n).to(device)
+                t_next = next_timesteps[i].repeat(n)
 
                 def predict_next(x_tmp, t_next=t_next, co=co):
                     out = model(x_tmp, t_next, rows_prompt, net)

@@ -67,6 +67,24 @@ class StepCoeffs:
     def index(self, idx) -> "StepCoeffs":
         return StepCoeffs(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
+    def to(self, device) -> "StepCoeffs":
+        """These coefficients on ``device``; the copy keeps these ones as its ``host`` attribute, so a
+        branch on the schedule (:func:`at_schedule_end`) reads the host copy instead of syncing."""
+        out = StepCoeffs(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        out.host = self.host if self.host is not None else self
+        return out
+
+    host = None  # class default (not a field): the CPU copy set by :meth:`to`, else None
+
+
+def at_schedule_end(co: StepCoeffs, alpha: bool = False) -> bool:
+    """Whether any row's step lands on ``sigma_next <= 0`` (or, with ``alpha``, starts at ``alpha <= 0``):
+    the schedule's ends, where the higher-order solvers fall back to Euler. Read from ``co.host`` when
+    it has one (a rollout's device coefficients), which is the same values on the CPU: a ``bool()`` of
+    a device tensor waits for the device."""
+    c = co.host if co.host is not None else co
+    return bool((c.sigma_next <= 0).any()) or (alpha and bool((c.alpha <= 0).any()))
+
 
 def split_prediction(out: torch.Tensor, x: torch.Tensor, alpha, sigma, parametrization: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Network output -> ``(x0_hat, eps_hat)`` in fp32, such that ``x = alpha x0_hat + sigma eps_hat``.
@@ -297,7 +315,7 @@ class HeunODE(ODESolver):
     def step(self, x, x0, eps, co, state, predict_next=None):
         state.clear()
         x_euler = per_row(co.alpha_next, x0) * x0 + per_row(co.sigma_next, eps) * eps
-        if predict_next is None or bool((co.sigma_next <= 0).any()):
+        if predict_next is None or at_schedule_end(co):
             return x_euler
         x0_n, eps_n = predict_next(x_euler)
         y = x / per_row(co.scale, x)
@@ -322,7 +340,7 @@ class DPMSolver2M(ODESolver):
 
     def step(self, x, x0, eps, co, state, predict_next=None):
         x_euler = per_row(co.alpha_next, x0) * x0 + per_row(co.sigma_next, eps) * eps
-        if bool((co.sigma_next <= 0).any()) or bool((co.alpha <= 0).any()):
+        if at_schedule_end(co, alpha=True):
             state.clear()
             state["x0"], state["h"] = x0, None
             return x_euler
@@ -338,7 +356,7 @@ class DPMSolver2M(ODESolver):
     def observe(self, x0, co, state):
         """MixGRPO-Flash: a stochastic step's ``x0`` and ``h`` become the history of the next ODE step."""
         state.clear()
-        if not (bool((co.sigma_next <= 0).any()) or bool((co.alpha <= 0).any())):
+        if not at_schedule_end(co, alpha=True):
             state["x0"], state["h"] = x0, torch.log(co.alpha_next / co.sigma_next) - torch.log(co.alpha / co.sigma)
 
 

@@ -58,7 +58,26 @@ class RewardOutput:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device a reward loads on when none is given: this thread's current CUDA device, with its
+    index, when CUDA is present, else the CPU.
+
+    The index is resolved here, at construction: a bare ``cuda`` would be resolved later, by whichever
+    thread first moves a tensor, and the current device is per thread (a worker thread's is GPU 0
+    whatever its process's rank)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a ``torch.device`` with its index fixed now: None -> :func:`default_device`; a bare
+    ``cuda`` -> this thread's current CUDA device (see :func:`default_device` for why); others as given."""
+    if device is None:
+        return default_device()
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,7 +300,7 @@ class Reward:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.batch_size = int(batch_size)
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         self._loaded = False
         self._load_lock = threading.RLock()
 

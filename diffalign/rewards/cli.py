@@ -40,7 +40,7 @@ def register(subparsers) -> None:
     p.add_argument("--images", metavar="DIR", help="directory of images (scored in sorted name order)")
     p.add_argument("--prompts", metavar="FILE",
                    help="prompts: .txt (one line per image, matched to the sorted image names) or .csv/.jsonl "
-                        "with columns image,prompt")
+                        "with columns image,prompt (an eval run's per_image.csv works)")
     p.add_argument("--pairs", metavar="FILE.parquet", help="Pick-a-Pic-schema pairs: report pairwise accuracy")
     p.add_argument("--tie-tol", type=float, default=0.0,
                    help="--pairs: the reward predicts a tie when |s0-s1| <= this (default 0)")
@@ -86,6 +86,8 @@ def register(subparsers) -> None:
                    help=f"largest image, width*height, checked from the header before decoding "
                         f"(413 above; default {DEFAULT_MAX_PIXELS} = 4096x4096)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds before a request is answered 504 (default 120)")
+    p.add_argument("--no-access-log", action="store_true",
+                   help="do not log a line per request (client, method, path, status, seconds)")
     p.set_defaults(func=cmd_serve_reward)
 
 
@@ -144,16 +146,21 @@ def _load_all(rewards: dict) -> None:
 def read_image_prompts(path: str | Path, images_dir: Path, image_files: list[Path]) -> list[tuple[Path, str]]:
     """(image path, prompt) pairs: a .txt prompt file (one prompt a line, matched to the sorted
     images), or a .csv/.json/.jsonl file with ``image`` and ``prompt`` fields (any subset and
-    order of the images). Read by :func:`diffalign.data.prompts.read_prompt_file`."""
+    order of the images; a relative image path is looked up under ``images_dir``, then beside the
+    file, so ``eval``'s own ``per_image.csv`` works). Read by :func:`diffalign.data.prompts.read_prompt_file`."""
     path = Path(path)
     if path.suffix.lower() in (".csv", ".jsonl", ".json"):
         rows = read_prompt_file(path, required=("image", "prompt")).rows or []
         out = []
         for i, row in enumerate(rows, 1):
             img = Path(str(row["image"]))
-            full = img if img.is_absolute() else images_dir / img
-            if not full.is_file():
-                raise UserError(f"prompts file '{path}' row {i}: image '{row['image']}' not found in '{images_dir}'")
+            # relative to --images, else to the prompts file itself: `diffalign eval` writes
+            # per_image.csv beside its images/ folder with paths like images/0000_0.png
+            candidates = [img] if img.is_absolute() else [images_dir / img, path.parent / img]
+            full = next((c for c in candidates if c.is_file()), None)
+            if full is None:
+                raise UserError(f"prompts file '{path}' row {i}: image '{row['image']}' not found in '{images_dir}'"
+                                + ("" if img.is_absolute() else f" or '{path.parent}'"))
             out.append((full, str(row["prompt"] or "")))
         return out
     lines = read_prompts(path)
@@ -296,7 +303,8 @@ def cmd_serve_reward(args) -> int:
     reward.ensure_loaded()  # fail before binding the port if weights are missing
     try:
         server = RewardServer(reward, args.host, args.port, max_body_bytes=int(args.max_body_mb * 2**20),
-                              max_images=args.max_images, max_pixels=args.max_pixels, request_timeout=args.timeout)
+                              max_images=args.max_images, max_pixels=args.max_pixels, request_timeout=args.timeout,
+                              access_log=not args.no_access_log)
     except ValueError as e:
         raise UserError(str(e)) from None
     except OSError as e:

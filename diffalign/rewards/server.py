@@ -156,13 +156,14 @@ class RewardServer:
     def __init__(self, reward: Reward, host: str = "127.0.0.1", port: int = 0, *, max_body_bytes: int = 64 * 2**20,
                  max_images: int = DEFAULT_MAX_IMAGES, max_pixels: int = DEFAULT_MAX_PIXELS,
                  max_batch_images: int | None = None, request_timeout: float = 120.0,
-                 batch_window: float = 0.005, log=_log):
+                 batch_window: float = 0.005, log=_log, access_log: bool = True):
         from PIL import Image
 
         if max_images < 1 or max_pixels < 1:
             raise ValueError("max_images and max_pixels must be positive")
         self.reward = reward
         self.log = log
+        self.access_log = access_log  # one line per answered request, as web servers write
         self.max_body_bytes = int(max_body_bytes)
         self.max_images = int(max_images)
         self.max_pixels = int(max_pixels)
@@ -304,14 +305,21 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "diffalign-reward/1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet by default
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - our access line replaces http.server's
         pass
 
-    def _send(self, status: int, payload: dict) -> None:
+    def _send(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
+        if self.owner.access_log:
+            started = getattr(self, "_started", None)
+            took = f" {time.perf_counter() - started:.3f}s" if started is not None else ""
+            error = f" ({payload['error']})" if status >= 400 and "error" in payload else ""
+            self.owner.log(f'{self.client_address[0]} "{self.command} {self.path}" {status}{took}{error}')
         body = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         if status >= 400:
             self.send_header("Connection", "close")
             self.close_connection = True
@@ -325,16 +333,24 @@ class _Handler(BaseHTTPRequestHandler):
                            f"{status} answer was sent ({type(e).__name__})")
 
     def do_GET(self) -> None:  # noqa: N802
+        self._started = time.perf_counter()
         path = self.path.rstrip("/")
         if path in ("/health", "/info", ""):
             self._send(200, self.owner.info())
         elif path == "/openapi.json":
             self._send(200, self.owner.openapi())
+        elif path == "/score":  # the right path with the wrong method: say which method it takes
+            self._send(405, {"error": "/score takes POST with a JSON body (see GET /openapi.json)"}, {"Allow": "POST"})
         else:
             self._send(404, {"error": f"unknown path '{self.path}'; use GET /health, GET /openapi.json or POST /score"})
 
     def do_POST(self) -> None:  # noqa: N802
+        self._started = time.perf_counter()
         try:
+            if self.path.rstrip("/") in ("/health", "/info", "/openapi.json"):
+                self._drain(int(self.headers.get("Content-Length") or 0))
+                self._send(405, {"error": f"{self.path} takes GET"}, {"Allow": "GET"})
+                return
             if self.path.rstrip("/") != "/score":
                 raise RequestError(404, f"unknown path '{self.path}'; use POST /score")
             job = self._parse()

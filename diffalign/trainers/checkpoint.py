@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ import torch
 
 from ..config import save_config
 from ..errors import UserError
+from ..logging import warn
 from .rundir import interrupt_requested, interrupted_error, start_run, step_done, world_readable
 
 COMPLETE = "COMPLETE"
@@ -198,7 +198,7 @@ def find_resumable(output_dir: str, resume: str, num_processes: int, cfg=None) -
             state = _load_checked(path, num_processes)
         except Exception as e:
             failures.append(f"{path.name}: {type(e).__name__}: {e}")
-            warnings.warn(f"skipping checkpoint {path}: {type(e).__name__}: {e}; trying the previous one", stacklevel=2)
+            warn(f"skipping checkpoint {path}: {type(e).__name__}: {e}; trying the previous one")
             continue
         if cfg is not None:
             _check_config(path, resume, cfg)
@@ -258,6 +258,7 @@ class Checkpointer:
         self.cfg, self.accelerator = cfg, accelerator
         self.module, self.optimizer, self.scheduler = module, optimizer, scheduler
         self.generator, self.stream, self.ema = generator, stream, ema
+        self._saved_step: int | None = None  # the step last checkpointed (save_if_due, then maybe_save)
 
     def resume(self) -> tuple[int, dict]:
         """(first step to run, trainer state saved with the checkpoint or {}). The trainers call it
@@ -291,12 +292,35 @@ class Checkpointer:
             trainer["batches_consumed"] = (data_state or {}).get("batches_consumed", 0)
         if self.accelerator.is_main_process:
             truncate_metrics(self.cfg.output_dir, trainer["step"])
-            print(f"resumed from {path} (step {trainer['step']})")
+            print(f"resumed from {path} (step {trainer['step']})"
+                  + (f": already at max_steps={self.cfg.max_steps}, nothing to train" if trainer["step"] >= self.cfg.max_steps else ""))
         return trainer["step"] + 1, trainer
 
+    def save_if_due(self, step: int, trainer_state: dict, batches_consumed: int) -> bool:
+        """The checkpoint of ``step`` now, if ``checkpoint_every`` makes one due, ahead of
+        :meth:`maybe_save` (which then does not save it again): a trainer calls it before work that
+        may fail after the step's update, such as an evaluation that runs out of memory, so the
+        steps are not lost. Returns whether a checkpoint of ``step`` exists now."""
+        every = self.cfg.checkpoint_every
+        if bool(every) and (step % every == 0 or step == self.cfg.max_steps):
+            self._save(step, trainer_state, batches_consumed)
+        return self._saved_step == step
+
+    def _save(self, step: int, trainer_state: dict, batches_consumed: int) -> None:
+        if self._saved_step == step:
+            return
+        data_state = {"batches_consumed": batches_consumed,
+                      "stream": self.stream.state_dict() if self.stream is not None else None}
+        save_checkpoint(self.accelerator, self.cfg.output_dir, step, self.accelerator.unwrap_model(self.module),
+                        self.optimizer, self.scheduler, self.generator, data_state, trainer_state,
+                        self.cfg.checkpoints_keep, config=self.cfg,
+                        ema_state=self.ema.state_dict() if self.ema is not None else None)
+        self._saved_step = step
+
     def maybe_save(self, step: int, trainer_state: dict, batches_consumed: int) -> None:
-        """After every optimizer step: a checkpoint when one is due, and the stop after a Ctrl-C
-        (a checkpoint of this step when checkpointing is on, then :class:`Interrupted`)."""
+        """After every optimizer step: a checkpoint when one is due (unless :meth:`save_if_due`
+        already wrote it), and the stop after a Ctrl-C (a checkpoint of this step when
+        checkpointing is on, then :class:`Interrupted`)."""
         every = self.cfg.checkpoint_every
         stop = interrupt_requested()
         if self.accelerator.num_processes > 1:  # every rank must stop at the same step (collectives)
@@ -304,12 +328,7 @@ class Checkpointer:
             stop = self.accelerator.reduce(flag, reduction="sum").item() > 0
         due = bool(every) and (step % every == 0 or step == self.cfg.max_steps or stop)
         if due:
-            data_state = {"batches_consumed": batches_consumed,
-                          "stream": self.stream.state_dict() if self.stream is not None else None}
-            save_checkpoint(self.accelerator, self.cfg.output_dir, step, self.accelerator.unwrap_model(self.module),
-                                   self.optimizer, self.scheduler, self.generator, data_state, trainer_state,
-                                   self.cfg.checkpoints_keep, config=self.cfg,
-                                   ema_state=self.ema.state_dict() if self.ema is not None else None)
+            self._save(step, trainer_state, batches_consumed)
         step_done(step, due, self.cfg.max_steps)
         if stop:
             raise interrupted_error(step, checkpoint_root(self.cfg.output_dir) / f"step-{step:06d}" if due else None)

@@ -167,7 +167,9 @@ class MetricsLogger:
         self.path = Path(output_dir) / "metrics.jsonl"
         if accelerator.is_main_process and not resume:
             self.path.write_text("")
-        self.last: dict[str, Any] = {}
+        # a resumed run starts from the checkpoint's metrics: one resumed at max_steps trains no step
+        # and still reports where it ended
+        self.last: dict[str, Any] = last_metrics(self.path) if resume else {}
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": step}
@@ -182,6 +184,14 @@ class MetricsLogger:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+
+
+def last_metrics(path: Path) -> dict[str, Any]:
+    """The last row of a ``metrics.jsonl`` (``{}`` when there is none)."""
+    if not path.is_file():
+        return {}
+    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return json.loads(rows[-1]) if rows else {}
 
 
 def mean_across_processes(accelerator, values: dict[str, float]) -> dict[str, float]:

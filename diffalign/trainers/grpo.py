@@ -23,7 +23,11 @@ per training step (``max_steps`` of them):
    update) is what evaluation samples with and what the LoRA holds.
 
 ``logprob_mismatch`` is the max |recomputed - recorded| log-prob over the transitions of the
-first optimizer update of each step, which is on-policy: it must be ~0 (fp32).
+first optimizer update of each step, which is on-policy: it must be ~0 (fp32). Under bf16 the
+rollout's forwards (``batch_size`` rows) and the training forwards (``train_batch_size`` rows) may
+take different kernels, and the gap is then real: ``loss.recompute_old_logprob`` recomputes the old
+log-probs with the training forward before the update (:meth:`~GRPORecipe.recompute_old_log_probs`),
+so the first ratio is exactly 1 (``first_update_max_log_ratio``).
 
 The reward curve is drawn here with matplotlib from the run's own ``metrics.jsonl`` (no import of
 a higher layer): trainers write data, and this one picture is part of a run's outputs.
@@ -36,7 +40,7 @@ import functools
 import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -44,7 +48,7 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError, check
 from ..files import fix_safetensors_modes
-from ..logging import is_quiet
+from ..logging import is_quiet, warn
 from ..losses.grpo import gaussian_kl_same_std, grpo_clip_loss, ratio_norm_log_ratio
 from ..pipelines import (
     GuidedModel, Rollout, RolloutPlan, SamplingTable, cat_rollouts, full_plan, make_ode_solver, make_step_kind,
@@ -60,7 +64,10 @@ from .common import (
     setup_accelerator,
 )
 from .grpo_config import GRPOConfig
-from .grpo_rewards import BUILTIN_PROMPTS, load_prompts, resolve_reward, reward_scores, score_images  # noqa: F401
+from .grpo_rewards import (  # noqa: F401
+    BUILTIN_PROMPTS, load_prompts, preload_reward, resolve_reward, reward_scores, score_images, use_device_in_thread,
+)
+from ..rewards.base import resolve_device
 from ..optim_step import count_nonfinite, guarded_backward, guarded_step
 
 
@@ -132,6 +139,8 @@ class UpdateStats:
     micro_batches: int = 0
     mismatch: float = 0.0
     skipped: int = 0
+    # loss.recompute_old_logprob: max |log-ratio| of the loss's real rows in the step's first update
+    first_log_ratio: float = 0.0
 
     def add(self, metrics: dict, weight: float = 1.0) -> None:
         for k, v in metrics.items():
@@ -154,12 +163,17 @@ class GRPORecipe:
         self.prompts, self.metadata = load_prompts(cfg.data)
         self.eval_prompts, self.eval_metadata = (load_prompts(cfg.eval.data, "eval.data") if cfg.eval.data
                                                  else (self.prompts, self.metadata))
-        self.rewards = [(r.name, r.weight, resolve_reward(r.name, r.args)) for r in cfg.rewards]
+        # every reward model on this rank's device, index included (a bare "cuda" is GPU 0 on the
+        # scoring thread, whatever the rank), loaded here on the main thread, not on its first call
+        self.reward_device = resolve_device(self.device)
+        self.rewards = [(r.name, r.weight, resolve_reward(r.name, r.args, self.reward_device)) for r in cfg.rewards]
         # eval-only rewards (eval.rewards, the reward-hacking guard): scored beside the training ones
         train_names = {name for name, _, _ in self.rewards}
         self.watched = [r.name for r in cfg.eval.rewards]
-        self.watched_rewards = [(r.name, r.weight, resolve_reward(r.name, r.args)) for r in cfg.eval.rewards
-                                if r.name not in train_names]  # a training reward is scored once
+        self.watched_rewards = [(r.name, r.weight, resolve_reward(r.name, r.args, self.reward_device))
+                                for r in cfg.eval.rewards if r.name not in train_names]  # a training reward is scored once
+        for _, _, fn in self.rewards + self.watched_rewards:
+            preload_reward(fn)
         if cfg.prompt_sampling == "distinct":
             world = cfg.prompts_per_step * self.accelerator.num_processes
             check(world <= len(self.prompts), "prompt_sampling",
@@ -172,7 +186,8 @@ class GRPORecipe:
         self.start_step, resumed = self.ckpt.resume()
         self.nonfinite_in_a_row = resumed.get("nonfinite_in_a_row", 0)
         self.logger = MetricsLogger(self.accelerator, cfg.output_dir, resume=self.start_step > 1)
-        self.executor = ThreadPoolExecutor(max_workers=cfg.reward_threads) if cfg.reward_threads > 0 else None
+        self.executor = (ThreadPoolExecutor(max_workers=cfg.reward_threads, initializer=use_device_in_thread,
+                                            initargs=(self.reward_device,)) if cfg.reward_threads > 0 else None)
         self.history: list[dict] = []
         return self
 
@@ -195,6 +210,16 @@ class GRPORecipe:
         if not any(float(x) > 0 for x in self.step_std):
             raise ConfigError(f"config key 'sampler.noise_level': {self.kind.name} with noise level "
                               f"{self.kind.noise_level} has no stochastic step")
+        train_rows = self.cfg.train_batch_size or self.cfg.batch_size
+        if (self.accelerator.mixed_precision in ("bf16", "fp16") and not self.cfg.loss.recompute_old_logprob
+                and train_rows != self.cfg.batch_size and self.accelerator.is_main_process):
+            # a warning, not an error: whether the kernels differ by batch shape is the hardware's call
+            # (CPU autocast gave identical log-probs on the tiny models); logprob_mismatch shows it
+            warn(f"mixed_precision={self.accelerator.mixed_precision} with rollout forwards of batch_size="
+                 f"{self.cfg.batch_size} rows and training forwards of train_batch_size={train_rows}: the same "
+                 "sample's log-prob can differ between the two (logprob_mismatch), so the first, on-policy ratio "
+                 f"is not 1 and loss.clip_range={self.cfg.loss.clip_range:g} may clip it; "
+                 "loss.recompute_old_logprob=true recomputes the old log-probs with the training forward")
 
     def _setup_tables(self) -> None:
         """The ODE solver, the rollout sampling table, the latent shape and the CFG conditioning."""
@@ -233,12 +258,16 @@ class GRPORecipe:
                 train_seconds = timer.lap()
                 self.check_nonfinite(stats.skipped)
                 values = self.metrics(step, plan, plan_info, rolled, adv, stats, train_seconds)
+                state = {"nonfinite_in_a_row": self.nonfinite_in_a_row}
                 if self.eval_due(step):
+                    # checkpoint first: an evaluation that fails (out of memory on a large eval set)
+                    # must not lose the steps trained since the last checkpoint
+                    self.ckpt.save_if_due(step, state, 0)
                     values.update(self.evaluate(self.eval_prompts, self.eval_metadata))
                     self.keep_if_best(step, values)
                 values["step_seconds"] = rolled.timings["rollout_seconds"] + train_seconds + timer.lap()
                 self.log(step, values, progress)
-                self.ckpt.maybe_save(step, {"nonfinite_in_a_row": self.nonfinite_in_a_row}, 0)
+                self.ckpt.maybe_save(step, state, 0)
         finally:
             if self.executor is not None:
                 self.executor.shutdown(wait=True)
@@ -331,29 +360,54 @@ class GRPORecipe:
         self.policy.wrapped.train()
         stats = UpdateStats()
         first = True
-        for _epoch in range(self.cfg.inner_epochs):
-            perm = adv.selected[torch.randperm(adv.selected.shape[0], generator=self.generator).to(self.device)]
-            for uidx in torch.tensor_split(perm, self.cfg.updates_per_epoch):
-                if uidx.numel() == 0:
-                    continue
-                self._optimizer_update(model, adv.transitions, uidx, stats, first)
+        # Every rank runs the same number of micro-batches (each all-reduces): the selection is padded
+        # to the largest rank's count with rows that carry no gradient (drop_zero_advantage and tree
+        # pruning keep a different number of rows per rank), so the empty-update skip below, too, is
+        # the same decision on every rank. Padding rows count in their micro-batch's mean, so a kept
+        # row weighs 1/target on every rank (DDP averages equal-size shards). One process: no padding.
+        target = int(max_across_processes(self.accelerator, adv.selected.numel()))
+        rows, real = pad_selection(adv.selected.cpu(), target, adv.transitions.log_prob.shape[0])
+        rows, real = rows.to(self.device), real.to(self.device)
+        padded = bool((~real).any())
+        trans = adv.transitions
+        for epoch in range(self.cfg.inner_epochs):
+            order = torch.randperm(rows.shape[0], generator=self.generator).to(self.device)
+            perm, keep = rows[order], real[order]
+            updates = [(uidx, ukeep) for uidx, ukeep in zip(torch.tensor_split(perm, self.cfg.updates_per_epoch),
+                                                            torch.tensor_split(keep, self.cfg.updates_per_epoch))
+                       if uidx.numel()]
+            if epoch == 0 and self.cfg.loss.recompute_old_logprob:
+                trans = self.recompute_old_log_probs(model, trans, updates, stats)
+            for uidx, ukeep in updates:
+                self._optimizer_update(model, trans, uidx, stats, first, ukeep if padded else None)
                 first = False
         self.lr_scheduler.step()
         return stats
 
     def _optimizer_update(self, model: GuidedModel, trans: Transitions, uidx: torch.Tensor, stats: UpdateStats,
-                          measure_mismatch: bool) -> None:
+                          measure_mismatch: bool, keep: torch.Tensor | None = None) -> None:
         """One optimizer update over transitions ``uidx`` (see :meth:`guarded_update`); the first
-        update of a step also measures ``logprob_mismatch`` (on-policy: must be ~0)."""
+        update of a step also measures ``logprob_mismatch`` (on-policy: must be ~0). ``keep``: [len(uidx)]
+        bool, False for padding rows (no gradient); None: all real."""
+        # micro-batches index positions in uidx, not transitions: padding repeats transitions, so a
+        # transition index alone cannot say whether that row is padding
+        positions = torch.arange(uidx.shape[0], device=uidx.device)
 
-        def micro_loss(midx: torch.Tensor):
-            batch = trans[midx]
-            loss, metrics, log_prob = self.transition_loss(model, batch)
+        recomputed = self.cfg.loss.recompute_old_logprob
+
+        def micro_loss(pos: torch.Tensor):
+            batch = trans[uidx[pos]]
+            loss, metrics, log_prob = self.transition_loss(model, batch, None if keep is None else keep[pos])
             if measure_mismatch:
-                stats.mismatch = max(stats.mismatch, float((log_prob.detach() - batch.log_prob).abs().max()))
+                gap = (log_prob.detach() - batch.log_prob).abs()
+                if not recomputed:  # old = the rollout's: this gap is the rollout/training mismatch
+                    stats.mismatch = max(stats.mismatch, float(gap.max()))
+                else:  # old = recomputed with this very forward: the first ratio's distance from 1
+                    real = gap if keep is None else torch.where(keep[pos], gap, torch.zeros_like(gap))
+                    stats.first_log_ratio = max(stats.first_log_ratio, float(real.max()))
             return loss, metrics
 
-        self.guarded_update(uidx, micro_loss, stats)
+        self.guarded_update(positions, micro_loss, stats)
 
     def guarded_update(self, uidx: torch.Tensor, micro_loss, stats: UpdateStats) -> bool:
         """One guarded optimizer step over rows ``uidx`` in micro-batches of ``train_batch_size``:
@@ -381,14 +435,47 @@ class GRPORecipe:
             stats.add({"grad_norm": grad_norm}, len(micro))
         return not skipped
 
-    def transition_loss(self, model: GuidedModel, batch: Transitions):
-        """GRPO loss of ``batch``: recompute its log-probs with the trained model. Returns
-        ``(loss, metrics, log_prob)``."""
-        lo, reduction = self.cfg.loss, self.cfg.sampler.logprob_reduction
+    @torch.no_grad()
+    def recompute_old_log_probs(self, model: GuidedModel, trans: Transitions,
+                                updates: list[tuple[torch.Tensor, torch.Tensor]], stats: UpdateStats) -> Transitions:
+        """``loss.recompute_old_logprob``: ``trans`` with the log-probs and step means of the rows in
+        ``updates`` (the first pass's ``(rows, keep)`` per optimizer update) recomputed by the training
+        forward (:meth:`policy_log_prob`) before any update, in the same micro-batches the loss will run,
+        so the first update's ratio is exactly 1 even where a forward's numerics depend on its batch
+        shape (bf16). Measures ``logprob_mismatch`` (recomputed vs recorded) on the first update.
+
+        Only real rows are written: a padding row (so that every rank runs as many micro-batches)
+        repeats a real one, possibly in another micro-batch, whose value must not overwrite its own."""
+        log_prob, mean = trans.log_prob.clone(), trans.mean.clone()
+        micro = self.cfg.train_batch_size or self.cfg.batch_size  # as guarded_update splits an update
+        for u, (uidx, ukeep) in enumerate(updates):
+            for pos in torch.split(torch.arange(uidx.shape[0], device=uidx.device), micro):
+                idx, real = uidx[pos], ukeep[pos]
+                batch = trans[idx]
+                lp, m, _, _ = self.policy_log_prob(model, batch)
+                if u == 0:
+                    gap = torch.where(real, (lp - batch.log_prob).abs(), torch.zeros_like(lp))
+                    stats.mismatch = max(stats.mismatch, float(gap.max()))
+                log_prob[idx[real]] = lp[real]
+                mean[idx[real]] = m[real].to(mean.dtype)
+        return replace(trans, log_prob=log_prob, mean=mean)
+
+    def policy_log_prob(self, model: GuidedModel, batch: Transitions):
+        """The trained model's log-prob of ``batch``'s transitions through the training forward
+        (``policy.wrapped``, the path of the loss): ``(log_prob, mean, std, coeffs)``."""
         co = self.table.coeffs(batch.step)
         out = model(batch.x, batch.timestep, batch.prompt, self.policy.wrapped)
         x0, eps = split_prediction(out, batch.x, co.alpha, co.sigma, self.table.parametrization)
-        log_prob, mean, std = self.kind.log_prob_and_moments(batch.x_next, batch.x, x0, eps, co, reduction)
+        log_prob, mean, std = self.kind.log_prob_and_moments(batch.x_next, batch.x, x0, eps, co,
+                                                             self.cfg.sampler.logprob_reduction)
+        return log_prob, mean, std, co
+
+    def transition_loss(self, model: GuidedModel, batch: Transitions, keep: torch.Tensor | None = None):
+        """GRPO loss of ``batch``: recompute its log-probs with the trained model. Returns
+        ``(loss, metrics, log_prob)``. ``keep``: [B] bool, False for padding rows (see :meth:`update`),
+        whose policy and KL terms are zeroed; None: every row counts."""
+        lo, reduction = self.cfg.loss, self.cfg.sampler.logprob_reduction
+        log_prob, mean, std, co = self.policy_log_prob(model, batch)
         kl = None
         if lo.kl_beta > 0:
             with torch.no_grad():
@@ -396,8 +483,13 @@ class GRPORecipe:
                 ref_mean = self._step_mean(ref_out, batch.x, co)
             kl = gaussian_kl_same_std(mean, ref_mean, self.kind.kl_std(co, lo.kl_form), reduction)
         log_ratio = ratio_norm_log_ratio(log_prob, batch.log_prob, mean, batch.mean, std, reduction) if lo.ratio_norm else None
+        weights = batch.weight
+        if keep is not None:
+            k = keep.to(log_prob.dtype)
+            weights = k if weights is None else weights * k
+            kl = None if kl is None else kl * k
         loss, metrics = grpo_clip_loss(log_prob, batch.log_prob, batch.advantage, lo.clip_range, log_ratio=log_ratio,
-                                       weights=batch.weight, kl=kl, kl_beta=lo.kl_beta)
+                                       weights=weights, kl=kl, kl_beta=lo.kl_beta)
         return loss, metrics, log_prob
 
     def _step_mean(self, out: torch.Tensor, x: torch.Tensor, co) -> torch.Tensor:
@@ -451,21 +543,38 @@ class GRPORecipe:
         """ODE samples of the first ``eval.num_prompts`` prompts with fixed noise, with the EMA weights
         when there is an EMA; mean rewards: ``eval_reward_mean`` (the weighted training reward),
         ``eval_reward/NAME`` per training reward when there are several, and always for every
-        ``eval.rewards`` reward (watched, not trained)."""
+        ``eval.rewards`` reward (watched, not trained).
+
+        The prompts are split over the processes (:func:`eval_shard`) and each process samples,
+        decodes and scores its share ``eval.batch_size`` prompts at a time; the scores are gathered,
+        so every process returns the same means. Prompt ``i`` always gets row ``i`` of one fixed
+        noise draw, so its image does not depend on the number of processes or the chunk size."""
         cfg = self.cfg
         if self.eval_table is None:
             self.eval_table = sampling_table(self.adapter, cfg.sampler.eval_num_steps,
                                              height=cfg.sampler.resolution, width=cfg.sampler.resolution)
         n = min(cfg.eval.num_prompts, len(prompts))
-        prompts, meta = prompts[:n], (metadata[:n] if metadata else None)
-        model = GuidedModel(self.adapter, self.adapter.encode_prompt(prompts), self.uncond, cfg.sampler.guidance_scale,
-                            max_rows=cfg.batch_size)
         g = torch.Generator().manual_seed(cfg.eval.seed)
-        noise = torch.randn((n, *self.latent_shape), generator=g).to(self.adapter.device)
-        with ema_weights(self.ema):
-            final = sample(model, self.eval_table, noise, torch.arange(n, device=self.adapter.device), solver=self.solver,
-                           net=self.policy.module)
-        scores = score_images(self.adapter, final, prompts, meta, self.rewards + self.watched_rewards)
+        noise = torch.randn((n, *self.latent_shape), generator=g)
+        rewards = self.rewards + self.watched_rewards
+        local = eval_shard(n, self.accelerator.process_index, self.accelerator.num_processes)
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name, _, _ in rewards}
+        for c0 in range(0, len(local), cfg.eval.batch_size):
+            rows = local[c0:c0 + cfg.eval.batch_size]
+            chunk = [prompts[i] for i in rows]
+            model = GuidedModel(self.adapter, self.adapter.encode_prompt(chunk), self.uncond, cfg.sampler.guidance_scale,
+                                max_rows=cfg.batch_size)
+            dev = self.adapter.device
+            with ema_weights(self.ema):
+                final = sample(model, self.eval_table, noise[rows].to(dev), torch.arange(len(rows), device=dev),
+                               solver=self.solver, net=self.policy.module)
+            scored = score_images(self.adapter, final, chunk, [metadata[i] for i in rows] if metadata else None, rewards)
+            del final  # the chunk's latents and images go before the next chunk samples
+            for name in parts:
+                parts[name].append(scored[name])
+        scores = {name: torch.cat(v) for name, v in parts.items()}
+        if self.accelerator.num_processes > 1:  # every process holds the same count (eval_shard pads)
+            scores = {k: self.accelerator.gather(v.to(self.device)).cpu()[:n] for k, v in scores.items()}
         out = {"eval_reward_mean": float(sum(w * scores[name] for name, w, _ in self.rewards).mean())}
         if len(self.rewards) > 1:
             out.update({f"eval_reward/{name}": float(scores[name].mean()) for name, _, _ in self.rewards})
@@ -483,15 +592,15 @@ class GRPORecipe:
             "reward_seconds": rolled.timings["reward_seconds"], "reward_wait_seconds": rolled.timings["reward_wait_seconds"],
         })
         values = mean_across_processes(acc, local)
-        mismatch = stats.mismatch
-        if acc.num_processes > 1:
-            mismatch = float(acc.gather(torch.tensor([mismatch], device=self.device)).max())
+        mismatch = self._max_over_processes(stats.mismatch)
         values.update({
             "reward_mean": float(adv.combined.mean()),
             "reward_std": float(adv.combined.std(unbiased=False)),
             **({f"reward/{k}": float(v.mean()) for k, v in adv.scores.items()} if len(adv.scores) > 1 else {}),
             "zero_std_group_fraction": zero_std_group_fraction(adv.combined, adv.groups),
             "logprob_mismatch": mismatch,
+            **({"first_update_max_log_ratio": self._max_over_processes(stats.first_log_ratio)}
+               if cfg.loss.recompute_old_logprob else {}),
             "lr": self.lr_scheduler.get_last_lr()[0],
             "stochastic_steps": len([i for i in plan.stochastic_steps if float(self.step_std[i]) > 0]),
             "transitions": int(sel.numel()),
@@ -501,6 +610,10 @@ class GRPORecipe:
             **plan_info,
         })
         return values
+
+    def _max_over_processes(self, value: float) -> float:
+        acc = self.accelerator
+        return value if acc.num_processes == 1 else float(acc.gather(torch.tensor([value], device=self.device)).max())
 
     def log(self, step: int, values: dict, progress) -> None:
         if step % self.cfg.log_every == 0 or step == self.cfg.max_steps:
@@ -592,6 +705,45 @@ def select_fraction(trans: dict, fraction: float, generator: torch.Generator, fi
         kept = (counts.float() * fraction).round()
     keep_n = torch.repeat_interleave(torch.clamp(kept.long(), min=1), counts)
     return torch.sort(cand[order[rank < keep_n]]).values
+
+
+def pad_selection(selected: torch.Tensor, target: int, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, real)``: the transition indices ``selected`` padded to ``target`` rows (at least
+    ``len(selected)``), and a bool mask that is False on the padding. The padding repeats the
+    selected rows in order (or, when nothing is selected, rows ``0, 1, ...`` of the ``num_rows``
+    transitions), so it is real data of the usual shape and cost, given zero weight by the loss.
+
+    Why: every micro-batch all-reduces (the finite-loss check, DDP's gradients), so every rank must
+    run as many as the rank with the most selected rows. ``target == len(selected)``: unchanged."""
+    n = selected.shape[0]
+    if target < n:
+        raise ValueError(f"pad_selection: target {target} < the {n} selected rows")
+    pad = target - n
+    if pad and n == 0 and num_rows < 1:
+        raise ValueError("pad_selection: nothing to pad with (no transitions)")
+    pool = selected if n else torch.arange(num_rows, dtype=selected.dtype, device=selected.device)
+    fill = pool[torch.arange(pad, device=pool.device) % pool.shape[0]] if pad else pool[:0]
+    real = torch.cat([torch.ones(n, dtype=torch.bool, device=selected.device),
+                      torch.zeros(pad, dtype=torch.bool, device=selected.device)])
+    return torch.cat([selected, fill]), real
+
+
+def eval_shard(n: int, rank: int, world: int) -> list[int]:
+    """The eval prompt indices process ``rank`` of ``world`` samples: a contiguous block of
+    ``ceil(n / world)``, the last blocks padded with prompt ``n - 1`` so every process holds the same
+    count (the gather needs it); gathered rank by rank and cut to ``n`` they are ``0 .. n-1``."""
+    if n <= 0:
+        return []
+    per = -(-n // world)
+    return [min(i, n - 1) for i in range(rank * per, (rank + 1) * per)]
+
+
+def max_across_processes(accelerator, value: int) -> int:
+    """The largest ``value`` over processes (one all-reduce; ``value`` itself on one process)."""
+    if accelerator.num_processes == 1:
+        return value
+    t = torch.tensor([float(value)], device=accelerator.device)
+    return int(accelerator.gather(t).max())
 
 
 @functools.lru_cache(maxsize=4)

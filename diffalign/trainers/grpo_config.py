@@ -198,6 +198,16 @@ class GRPOLossOptions:
     step_weighting: str = "none"
     # abort after this many consecutive steps with a NaN/inf update
     max_nonfinite_steps: int = 5
+    # recompute the old log-probs (and step means) before each step's update: the trained model's
+    # training forward under no_grad, in exactly the micro-batches of the first pass (verl's
+    # old_log_prob), instead of the values recorded by the rollout. Under bf16 the rollout forward
+    # (batch_size rows, x2 with CFG) and the training forward (train_batch_size rows) can take
+    # different kernels, so the same sample's log-prob differs between them and the first, on-policy
+    # ratio is not 1 (logprob_mismatch > 0); a 1e-4 clip_range (flow_grpo's, set for an fp32
+    # transformer) then clips on-policy rows. On: the first update's ratio is exactly 1
+    # (first_update_max_log_ratio = 0); costs one no-grad forward per trained transition. Off: the
+    # recorded values (fp32 runs are unchanged)
+    recompute_old_logprob: bool = False
 
 
 @dataclass
@@ -222,6 +232,10 @@ class EvalOptions:
     num_prompts: int = 8
     # seed of the fixed evaluation noise
     seed: int = 1234
+    # prompts sampled, decoded and scored together per process (the eval prompts are split over the
+    # processes first): bounds evaluation memory (2048 images decoded at once do not fit a GPU); the
+    # per-prompt results do not depend on it, up to kernel numerics
+    batch_size: int = 64
     # prompt file (.txt/.json/.jsonl/.csv) to evaluate on; null: the training prompts
     data: str | None = None
     # rewards watched at evaluation besides the training ones (a reward-hacking guard, e.g. train on
@@ -335,13 +349,17 @@ def _validate_schedule(c: GRPOConfig) -> None:
     check(sch.timestep_selection in ("random", "first"), "schedule.timestep_selection", "must be random or first")
     check(sch.timestep_rounding is None or sch.timestep_rounding in TIMESTEP_ROUNDINGS, "schedule.timestep_rounding",
           "must be round, floor or null")
+    # the enum-like keys of the window and the tree are checked whatever the kind: a typo in a
+    # block the run does not use is still a typo (and would surface when the kind is switched)
+    check(sch.window.sweep_end in SWEEP_ENDS, "schedule.window.sweep_end", "must be truncate or wrap")
+    check(sch.window.mode in WINDOW_MODES, "schedule.window.mode", "must be slide or random")
+    check(sch.tree.width_pruning in WIDTH_PRUNING, "schedule.tree.width_pruning", f"must be one of {', '.join(WIDTH_PRUNING)}")
     if sch.kind == "window":
         w = sch.window
         check(1 <= w.size <= n, "schedule.window.size",
                f"must be in [1, sampler.num_steps={n}] (window larger than the number of steps)")
         check(0 <= w.start <= n - w.size, "schedule.window.start",
                f"window [{w.start}, {w.start + w.size}) does not fit in sampler.num_steps={n}")
-        check(w.sweep_end in SWEEP_ENDS, "schedule.window.sweep_end", "must be truncate or wrap")
         last = n - w.size if w.sweep_end == "wrap" or w.mode == "random" else n - 1
         check(w.end is None or w.start <= w.end <= last, "schedule.window.end", f"must be in [window.start, {last}]")
         check(w.end is not None or w.sweep_end == "wrap" or w.mode == "random" or w.start <= n - 3, "schedule.window.start",
@@ -352,7 +370,6 @@ def _validate_schedule(c: GRPOConfig) -> None:
                "schedule.window.post_window_ratio (MixGRPO-Flash) carries DPM-Solver++(2M) history: use dpm2m")
         check(w.shift >= 0, "schedule.window.shift", "must be >= 0")
         check(w.interval >= 1, "schedule.window.interval", "must be >= 1")
-        check(w.mode in WINDOW_MODES, "schedule.window.mode", "must be slide or random")
     if sch.kind == "tree":
         t = sch.tree
         check(len(t.branch_steps) >= 1, "schedule.tree.branch_steps", "must list at least one step")
@@ -361,7 +378,6 @@ def _validate_schedule(c: GRPOConfig) -> None:
                f"every branch step must be in [0, sampler.num_steps={n})")
         check(t.branch_factor >= 2, "schedule.tree.branch_factor", "must be >= 2")
         check(t.split_noise_scale > 0, "schedule.tree.split_noise_scale", "must be > 0")
-        check(t.width_pruning in WIDTH_PRUNING, "schedule.tree.width_pruning", f"must be one of {', '.join(WIDTH_PRUNING)}")
         check(0 < t.width_pruning_ratio <= 1, "schedule.tree.width_pruning_ratio", "must be in (0, 1]")
         check(all(0 <= d < n for d in t.depth_pruning_steps), "schedule.tree.depth_pruning_steps",
                f"every step must be in [0, sampler.num_steps={n})")
@@ -399,6 +415,7 @@ def _validate_rewards_and_eval(c: GRPOConfig) -> None:
     check(c.prompt_sampling in PROMPT_SAMPLINGS, "prompt_sampling", f"must be one of {', '.join(PROMPT_SAMPLINGS)}")
     check(c.eval.every >= -1, "eval.every", "must be >= -1")
     check(c.eval.num_prompts >= 0, "eval.num_prompts", "must be >= 0")
+    check(c.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     check(c.eval.keep_best is None or c.lora.rank > 0, "eval.keep_best", "keeps LoRA weights: needs lora.rank > 0")
     check(c.eval.keep_best is None or (c.eval.every >= 0 and c.eval.num_prompts > 0), "eval.keep_best",
           "needs evaluations (eval.every >= 0 and eval.num_prompts > 0)")

@@ -32,14 +32,39 @@ def load_prompts(data: str | None, key: str = "data") -> tuple[list[str], list[d
     return prompts.prompts, prompts.rows
 
 
-def resolve_reward(name: str, args: dict | None = None):
-    """A reward callable by name: ``diffalign.rewards.get_reward``, else the simple rewards."""
+def resolve_reward(name: str, args: dict | None = None, device: torch.device | None = None):
+    """A reward callable by name: ``diffalign.rewards.get_reward``, else the simple rewards.
+    ``device``: where its model goes (the trainer passes ``accelerator.device``, which carries this
+    rank's GPU index); a ``device`` in ``args`` wins; None: the reward's own default."""
+    kwargs = dict(args or {})
+    if device is not None:
+        kwargs.setdefault("device", device)
     try:
-        return get_reward(name, **dict(args or {}))
+        return get_reward(name, **kwargs)
     except UserError:
         if name not in simple.SIMPLE_REWARDS:
             raise
     return simple.SIMPLE_REWARDS[name]
+
+
+def preload_reward(reward) -> None:
+    """Load a reward's weights now (on the calling thread) instead of on its first call, which in
+    training is on the scoring thread; composed rewards load their components."""
+    for part in getattr(reward, "components", ()):  # WeightedSum: [(reward, weight), ...]
+        preload_reward(part[0])
+    if getattr(reward, "inner", None) is not None:  # Affine, RunningZScore
+        preload_reward(reward.inner)
+    if hasattr(reward, "ensure_loaded"):
+        reward.ensure_loaded()
+
+
+def use_device_in_thread(device: torch.device) -> None:
+    """Make ``device`` this thread's current CUDA device (a no-op off CUDA). The scoring thread runs
+    it first: the current device is per thread and accelerate sets it only in the main thread, so
+    without it anything a reward puts on a bare ``cuda`` would land on GPU 0 on every rank."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is not None:  # no index: nothing to pin it to
+        torch.cuda.set_device(device)
 
 
 def reward_scores(out, n: int, name: str) -> torch.Tensor:

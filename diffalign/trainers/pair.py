@@ -300,7 +300,10 @@ def skipped_rows_line(skipped: dict[str, int], used: int) -> str:
         why = SKIP_REASONS.get(reasons[0][0], reasons[0][0])
     else:
         why = ", ".join(f"{n} {SKIP_REASONS.get(k, k)}" for k, n in reasons)
-    return f"skipped {total} of {total + used} rows: {why} (counted in metrics.jsonl skipped_rows)"
+    # says which rows it counts: those training read, not the dataset or the cache (whose pair
+    # count is printed when the cache is read and is usually larger)
+    return (f"skipped {total} of the {total + used} rows training read for its {used} pairs: {why} "
+            "(counted in metrics.jsonl skipped_rows)")
 
 
 @torch.no_grad()

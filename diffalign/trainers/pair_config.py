@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from ..config import BaseTrainConfig, check
 from .ema_config import EMAOptions, validate_ema
+from ..data.cache import CACHE_DTYPES
 from ..data.variants import PERTURBATIONS, VariantDataOptions
 from ..losses.methods import (
     DPO, NOISING_MODES, OFFLINE_METHODS, CoPGOptions, IPOOptions, KTOOptions, MaPOOptions, OfflineMethod, TPOOptions, offline_method,
@@ -87,6 +88,7 @@ class PairTrainConfig(BaseTrainConfig):
               f"must be one of {', '.join(PERTURBATIONS)}")
         check(0.0 <= self.data_opts.empty_prompt_prob <= 1.0, "data_opts.empty_prompt_prob", "must be in [0, 1]")
         check(self.data_opts.resolution >= 8, "data_opts.resolution", "must be >= 8")
+        check(self.data_opts.cache_dtype in CACHE_DTYPES, "data_opts.cache_dtype", f"must be one of {', '.join(CACHE_DTYPES)}")
         if self.loss.cached_reference:
             check(bool(self.data_opts.cache_dir), "loss.cached_reference", "needs data_opts.cache_dir (the losses live in the cache)")
             check(self.data_opts.cache, "loss.cached_reference", "needs the latent cache (data_opts.cache=true)")

@@ -34,12 +34,12 @@ import socket
 import sys
 import threading
 
-from ..files import fix_safetensors_modes, world_readable
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import Interrupted, UserError, require_dir_path
+from ..files import fix_safetensors_modes, world_readable
+from ..logging import warn
 
 LOCK_NAME = ".lock"
 # Everything a diffalign training run writes into output_dir: what overwrite=true removes. A full
@@ -58,6 +58,7 @@ RUN_MARKERS = ("config.yaml", "metrics.jsonl", "final_state.json", "pytorch_lora
 MAY_DIFFER = frozenset({
     "output_dir", "max_steps", "checkpoint_every", "checkpoints_keep", "log_every", "report_to", "resume", "overwrite",
     "model_opts.compile", "model_opts.compile_backend", "model_opts.gradient_checkpointing",
+    "eval.batch_size",  # memory only: lowered to resume after an out-of-memory evaluation
 })
 
 
@@ -116,7 +117,7 @@ def acquire_lock(output_dir: str | Path) -> Path:
                 where = f" on host {owner_host}" if owner_host and owner_host != host else ""
                 raise UserError(f"output_dir '{out}' is in use by another diffalign run (pid {pid}{where}, lock {lock}); "
                                 "wait for it to finish or choose another output_dir") from None
-            warnings.warn(f"{lock}: taking over a stale lock (pid {pid} is not running; it was probably killed)", stacklevel=2)
+            warn(f"{lock}: taking over a stale lock (pid {pid} is not running; it was probably killed)")
             with contextlib.suppress(FileNotFoundError):
                 lock.unlink()
             continue
