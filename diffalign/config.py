@@ -9,6 +9,7 @@ dotted key, with the valid keys listed where that helps.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import re
 import types
@@ -263,8 +264,11 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
+        # the nearest valid key, by difflib's ratio (stdlib; catches typos such as learning_rte)
+        near = difflib.get_close_matches(unknown[0], sorted(names), n=1, cutoff=0.6)
         raise ConfigError(
             f"unknown config key '{prefix}{unknown[0]}'"
+            + (f" (did you mean '{prefix}{near[0]}'?)" if near else "")
             + (f" (and {', '.join(prefix + u for u in unknown[1:])})" if len(unknown) > 1 else "")
             + f"; valid keys{' under ' + prefix.rstrip('.') if prefix else ''}: {', '.join(sorted(names))}"
         )

@@ -64,3 +64,15 @@ def test_yaml11_words_on_the_command_line():
     assert cfg.data_opts.random_flip is False
     cfg = load_config(ROOT / "diffalign/configs/tiny/dpo.yaml", ["model=m", "data=d", "data_opts.random_flip=on"])
     assert cfg.data_opts.random_flip is True
+
+
+def test_an_unknown_key_suggests_the_nearest_valid_one():
+    """A typo names the key it probably meant (issue #28), besides listing the valid keys."""
+    import diffalign.trainers  # noqa: F401 - registers the trainer configs
+    from diffalign.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.learning_rte' \(did you mean 'optim.learning_rate'\?\)"):
+        load_config("tiny/dpo", ["model=M", "data=D", "optim.learning_rte=1e-4"])
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny/dpo", ["model=M", "data=D", "zzzz=1"])
+    assert "did you mean" not in str(e.value)

@@ -187,3 +187,16 @@ def test_vae_decode_batch_bounds_the_images_per_decode_call(tiny_model):
     whole = adapter.decode_latents(latents)
     assert sizes[3:] == [5]
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
+
+
+def test_a_force_upcast_vae_stays_fp32_under_fp16(tiny_model):
+    """diffusers' ``force_upcast`` VAEs (SD1.5, SDXL) overflow in fp16: the pipelines keep them in
+    fp32 under fp16, and so must the trainers' cast of the frozen parts (issue #30, item 11)."""
+    from diffalign.models import load_adapter
+
+    adapter = load_adapter(str(tiny_model("sd15")))
+    adapter.vae.register_to_config(force_upcast=True)
+    adapter.cast_frozen(torch.float16)
+    assert adapter.vae.dtype == torch.float32 and adapter.pipe.text_encoder.dtype == torch.float16
+    adapter.cast_frozen(torch.bfloat16)
+    assert adapter.vae.dtype == torch.bfloat16

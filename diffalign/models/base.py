@@ -238,6 +238,10 @@ class DiffusionAdapter:
         if dtype is None:
             return
         for m in self.frozen_modules():
+            if m is self.vae and dtype == torch.float16 and getattr(m.config, "force_upcast", False):
+                # diffusers' flag of a VAE that overflows in fp16 (SD1.5's, SDXL's): its pipelines decode it
+                # in fp32 under fp16, and so do we (bf16 has fp32's range: no upcast needed)
+                continue
             if any(p.is_floating_point() and p.dtype != dtype for p in m.parameters()):
                 with library_call(FP32_MODULES_NOTICE, bars=True):
                     m.to(dtype=dtype)
