@@ -5,14 +5,23 @@
 # gpu_check.json collects the numbers. CPU CI covers the same paths with stand-ins (tests/
 # test_grpo_multigpu.py, test_bf16_paths.py, test_cache_build.py); this runs them on CUDA kernels.
 #   bash benchmarks/gpu_check.sh            # needs a CUDA GPU; installs the package into .venv-gpu
+#   bash benchmarks/gpu_check.sh --dry-run  # the same commands on the CPU (bf16 autocast): the script works
 set -uo pipefail
+DRY_RUN=0
+[ "${1:-}" = "--dry-run" ] && DRY_RUN=1
 OUT="${OUT:-gpu_check}"
 mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "$0")/.."
-if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-  python3 -m venv .venv-gpu && . .venv-gpu/bin/activate && pip install -q -e '.[test,rewards]' || exit 1
+if [ "$DRY_RUN" = 1 ]; then
+  python3 -c "import diffalign" || exit 1
+  echo "gpu_check: dry run on the CPU"
+else
+  if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    python3 -m venv .venv-gpu && . .venv-gpu/bin/activate && pip install -q -e '.[test,rewards]' || exit 1
+  fi
+  python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print('gpu_check:', torch.cuda.get_device_name(0))" || exit 1
 fi
-python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print('gpu_check:', torch.cuda.get_device_name(0))" || exit 1
 W="$OUT/work"; mkdir -p "$W"
 diffalign -q tiny-model sd15 "$W/sd15" && diffalign -q tiny-model sd3 "$W/sd3" && diffalign -q tiny-model pickscore "$W/ps" \
   && diffalign -q toy-data pickapic "$W/pairs" --n 32 || exit 1
