@@ -1,6 +1,4 @@
-"""Tiny random-init FLUX.2 pipelines, FLUX's scheduler config and the VAE calibration every tiny builder
-shares (conventions: :mod:`.tiny`, which also holds the FLUX.1 builder next to the CLIP/T5
-tokenizers and VAE it reuses).
+"""Tiny random-init FLUX.2 pipelines (dev: Mistral3 encoder; klein: Qwen3 encoder).
 
 FLUX.2's text encoders are decoder LLMs whose pipelines read fixed intermediate layers (Mistral3:
 10, 20, 30; Qwen3: 9, 18, 27), so the tiny encoders keep that depth at a width of 16. Their
@@ -15,25 +13,7 @@ from pathlib import Path
 
 import torch
 
-
-def flux_scheduler():
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    # FLUX.1's scheduler config: resolution-dependent shift (mu) instead of a fixed one
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
-                                           max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
-
-
-def deterministic_posterior(vae, latent_channels: int) -> torch.Tensor:
-    """Make a random-init VAE's encoder near-deterministic (log-variance -12, as real VAEs are) and
-    return the calibration batch: 16 natural-ish 32 px images (flat colours with a horizontal ramp)
-    in [-1, 1], whose latents the tiny builders use to set the latent scale statistics."""
-    vae.quant_conv.weight[latent_channels:] = 0.0
-    vae.quant_conv.bias[latent_channels:] = -12.0
-    g = torch.Generator().manual_seed(0)
-    colours = torch.rand(16, 3, 1, 1, generator=g)
-    ramp = torch.linspace(-0.3, 0.3, 32).view(1, 1, 1, 32)
-    return (colours + ramp * torch.rand(16, 1, 1, 1, generator=g)).expand(-1, -1, 32, -1).clamp(0, 1) * 2 - 1
+from .common import deterministic_posterior, flux_scheduler
 
 
 # ------------------------------------------------------------------------------------ FLUX.2
@@ -132,12 +112,12 @@ def tiny_qwen3_encoder(tokenizer):
 
 
 def tiny_flux2_vae():
-    """A tiny AutoencoderKLFlux2 calibrated like :func:`.tiny.tiny_vae`: near-deterministic posterior
+    """A tiny AutoencoderKLFlux2 calibrated like :func:`.common.tiny_vae`: near-deterministic posterior
     (log-variance -12), and BatchNorm running statistics of natural-ish images' patchified latents,
     so the transformer's latents have unit scale as with the real VAE."""
     from diffusers import AutoencoderKLFlux2
 
-    from .flux2 import patchify
+    from ..flux2 import patchify
 
     latent_channels = 4
     vae = AutoencoderKLFlux2(

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .tiny_flux import deterministic_posterior
+from .common import deterministic_posterior
 
 TEXT_DIM = 32
 LATENT_CHANNELS = 4
