@@ -154,6 +154,5 @@ def _disable_library_bars() -> list:
 
 
 #: what our own model-loading calls say that is noise for us (see the call sites)
-TORCH_DTYPE_DEPRECATION = r"`torch_dtype` is deprecated"
 FP32_MODULES_NOTICE = r"There are modules in \w+ that should be kept in float32: \[\]"
 TEXT_ENCODER_LORA_NOTICE = r"No LoRA keys associated to \w*(CLIPTextModel|T5EncoderModel)"

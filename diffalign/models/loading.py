@@ -5,23 +5,10 @@ from __future__ import annotations
 
 import torch
 
-# The diffusers release whose ``from_pretrained`` (models and pipelines) reads ``dtype=``. Earlier
-# releases read only ``torch_dtype=`` and pass an unknown ``dtype=`` on unused, so the weights stay
-# fp32 without a word; from 0.40 on ``torch_dtype=`` is deprecated (removed in 1.0). pyproject
-# allows diffusers>=0.35, so the keyword follows the installed release.
-DTYPE_KEYWORD_SINCE = "0.40.0"
-
-
-def dtype_kwarg(dtype) -> dict:
-    """``{"dtype": dtype}`` for the diffusers installed when it reads that keyword, else
-    ``{"torch_dtype": dtype}``; ``dtype`` is a ``torch.dtype`` or diffusers' per-component dict
-    (``{"default": ..., "vae": ...}``, which pipelines read since before 0.35)."""
-    import diffusers
-    from packaging.version import Version
-
-    # a dev build of 0.40 (before its release) may predate the keyword: torch_dtype works there too
-    new = Version(diffusers.__version__) >= Version(DTYPE_KEYWORD_SINCE)
-    return {"dtype" if new else "torch_dtype": dtype}
+# ``dtype=`` is the keyword of diffusers' ``from_pretrained`` (models and pipelines) from 0.40 on,
+# where ``torch_dtype=`` is deprecated (a warning on every load; removed in 1.0). Older releases
+# pass an unknown ``dtype=`` on unused and load fp32 without a word, so pyproject requires
+# diffusers>=0.40 and every call here says ``dtype=``.
 
 
 def load_pipeline(model: str, adapter_cls: type, opts, dtype: torch.dtype | dict = torch.float32,
@@ -41,9 +28,9 @@ def load_pipeline(model: str, adapter_cls: type, opts, dtype: torch.dtype | dict
     vae_dtype = dtype.get("vae", dtype.get("default", torch.float32)) if isinstance(dtype, dict) else dtype
     with library_call():  # the libraries' nested "Loading ..." bars leave ESC[A in logs
         if opts.vae and "vae" not in skip:
-            kwargs["vae"] = diffusers.AutoencoderKL.from_pretrained(opts.vae, **dtype_kwarg(vae_dtype))
+            kwargs["vae"] = diffusers.AutoencoderKL.from_pretrained(opts.vae, dtype=vae_dtype)
         pipe = getattr(diffusers, adapter_cls.pipeline_class).from_pretrained(
-            model, revision=opts.revision, variant=opts.variant, **dtype_kwarg(dtype), **kwargs
+            model, revision=opts.revision, variant=opts.variant, dtype=dtype, **kwargs
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe
