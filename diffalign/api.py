@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from .config import load_config as _load_config_file
@@ -104,21 +103,24 @@ def score(images, prompts: Sequence[str] | None, reward: str | Reward, **reward_
 
 
 def tiny_model(kind: str, directory: PathLike, seed: int = 0) -> str:
-    """Write a tiny random-init model of family ``kind`` (``"sd15"``, ``"sdxl"``, ``"sd3"``,
-    ``"flux"``, ...) in diffusers format, loadable as any checkpoint; returns its path."""
+    """Write a tiny random-init model in diffusers format, loadable as any checkpoint: a family
+    (``"sd15"``, ``"sdxl"``, ``"sd3"``, ``"flux"``, ...) or a reward model (``"pickscore"``,
+    ``"hpsv2"``, ...); returns its path (``diffalign tiny-model KIND DIR``)."""
     from .files import fix_safetensors_modes
     from .models.tiny import BUILDERS
+    from .rewards.tiny import BUILDERS as REWARD_BUILDERS
 
-    if kind not in BUILDERS:
-        raise UserError(f"unknown tiny model kind {kind!r}; choose one of: {', '.join(BUILDERS)}")
-    path = BUILDERS[kind](os.fspath(directory), seed=seed)
-    fix_safetensors_modes(path)
+    builders = {**BUILDERS, **REWARD_BUILDERS}
+    if kind not in builders:
+        raise UserError(f"unknown KIND {kind!r}; choose one of: {', '.join(builders)}")
+    path = builders[kind](os.fspath(directory), seed=seed)
+    fix_safetensors_modes(path)  # weights readable like every other file we write, not 0600
     return os.fspath(path)
 
 
 def toy_data(directory: PathLike, n: int = 64, size: int = 64, seed: int = 0) -> str:
-    """Write ``n`` Pick-a-Pic-schema preference rows (parquet, with ties) to ``directory``; returns it."""
+    """Write ``n`` Pick-a-Pic-schema preference rows (parquet, with ties) to ``directory``; returns
+    the parquet file's path (``diffalign toy-data pickapic DIR``)."""
     from .data.toy import write_toy_pickapic
 
-    write_toy_pickapic(os.fspath(directory), n, size=size, seed=seed)
-    return os.fspath(Path(directory))
+    return os.fspath(write_toy_pickapic(os.fspath(directory), n, size=size, seed=seed))

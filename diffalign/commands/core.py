@@ -6,14 +6,6 @@ import argparse
 import time
 
 
-def tiny_builders() -> dict:
-    """Every ``tiny-model`` KIND: model families, then reward models."""
-    from ..models.tiny import BUILDERS
-    from ..rewards.tiny import BUILDERS as REWARD_BUILDERS
-
-    return {**BUILDERS, **REWARD_BUILDERS}
-
-
 def cmd_train(args) -> int:
     from ..config import load_config
     from ..trainers import train
@@ -61,26 +53,19 @@ def cmd_recipes(args) -> int:
 
 
 def cmd_tiny_model(args) -> int:
-    from ..errors import UserError
-
-    builders = tiny_builders()
-    if args.kind not in builders:
-        raise UserError(f"unknown KIND {args.kind!r}; choose one of: {', '.join(builders)}")
-    t0 = time.perf_counter()
-    path = builders[args.kind](args.dir, seed=args.seed)
-    from ..files import fix_safetensors_modes
+    from ..api import tiny_model
     from ..models.tiny import dir_size_mb
 
-    fix_safetensors_modes(path)  # weights readable like every other file we write, not 0600
-
+    t0 = time.perf_counter()
+    path = tiny_model(args.kind, args.dir, seed=args.seed)
     print(f"wrote tiny {args.kind} to {path} ({dir_size_mb(path):.1f} MB, {time.perf_counter() - t0:.1f}s)")
     return 0
 
 
 def cmd_toy_data(args) -> int:
-    from ..data.toy import write_toy_pickapic
+    from ..api import toy_data
 
-    path = write_toy_pickapic(args.dir, args.n, size=args.size, seed=args.seed)
+    path = toy_data(args.dir, args.n, size=args.size, seed=args.seed)
     print(f"wrote {args.n} Pick-a-Pic-schema rows to {path}")
     return 0
 
