@@ -278,7 +278,7 @@ def test_quiet_and_verbose_flags_exclude_each_other():
 
 
 def test_reward_name_aliases():
-    from diffalign.commands.core import tiny_builders
+    from diffalign.rewards.tiny import BUILDERS as REWARD_BUILDERS
     from diffalign.rewards import get_reward
     from diffalign.rewards.registry import canonical_name
 
@@ -286,7 +286,7 @@ def test_reward_name_aliases():
     assert canonical_name("jpeg_compressibility") == "jpeg" and canonical_name("clip") == "clipscore"
     assert canonical_name("pickscore") == "pickscore"
     assert get_reward("jpeg").name == get_reward("jpeg_compressibility").name == "jpeg"
-    builders = tiny_builders()
+    builders = REWARD_BUILDERS  # what `tiny-model` (diffalign.api.tiny_model) offers besides the model families
     assert builders["clipscore"] is builders["clip"]  # tiny-model clipscore DIR, as --reward clipscore=DIR
     assert get_reward("clip").name == "clipscore"
 
