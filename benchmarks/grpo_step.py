@@ -8,7 +8,7 @@
     python benchmarks/grpo_step.py --arch flux --layers 1 --configs grpo --steps 2 --set sampler.resolution=64 \
         batch_size=2 group_size=2 prompts_per_step=1 train_batch_size=2 sampler.num_steps=2   # CPU smoke run
 
-Runs ``diffalign.trainers.grpo.train_grpo`` with ``diffalign/configs/tiny/<name>.yaml`` (plus ``--set
+Runs ``diffalign.trainers.online.train_online`` with ``diffalign/configs/tiny/<name>.yaml`` (plus ``--set
 key=value`` overrides) and prints the mean ``rollout_seconds`` / ``train_seconds`` over the steps
 after the first (warm-up), the model rows per step and ``logprob_mismatch``. ``--json`` writes the
 table. Runs on a GPU when one is visible (accelerate's default device), else on the CPU.
@@ -33,7 +33,7 @@ def bench(model: str, config: str, steps: int, overrides: list[str], out_root: P
     import torch
 
     from diffalign.config import load_config
-    from diffalign.trainers.grpo import train_grpo
+    from diffalign.trainers.online import train_online
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -42,7 +42,7 @@ def bench(model: str, config: str, steps: int, overrides: list[str], out_root: P
     cfg = load_config(ROOT / "diffalign" / "configs" / "tiny" / f"{config}.yaml",
                       [f"model={model}", f"output_dir={out}", f"max_steps={steps}", "eval.every=-1", *overrides])
     t0 = time.perf_counter()
-    hist = train_grpo(cfg)["history"]
+    hist = train_online(cfg)["history"]
     wall = time.perf_counter() - t0
     timed = hist[1:] if len(hist) > 1 else hist
     mean = lambda k: sum(h[k] for h in timed) / len(timed)  # noqa: E731

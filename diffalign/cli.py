@@ -15,8 +15,9 @@ import sys
 COMMAND_MODULES = [
     "diffalign.commands.core",  # train, tiny-model, toy-data
     "diffalign.commands.demo",  # demo (offline end-to-end)
-    "diffalign.rewards.cli",  # score, relabel, filter-pairs, train-reward, serve-reward
+    "diffalign.commands.reward",  # score, relabel, filter-pairs, train-reward, serve-reward
     "diffalign.commands.evaluate",  # eval, compare
+    "diffalign.commands.benchmark",  # benchmark (GenEval, OCR, HPS v2, PartiPrompts, DrawBench)
     "diffalign.commands.testbed",  # testbed-base, testbed-compare
     "diffalign.commands.plan",  # plan (memory plans as numbers)
 ]
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands whose --out is a directory they create: an existing file there is one clear line,
 # not a FileExistsError / NotADirectoryError traceback from deep inside the command.
-OUT_DIR_COMMANDS = {"eval", "compare", "demo", "testbed-compare", "testbed-base"}
+OUT_DIR_COMMANDS = {"eval", "benchmark", "compare", "demo", "testbed-compare", "testbed-base"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,111 @@ from .errors import ConfigError  # defined with the other user errors; re-export
 
 
 # --------------------------------------------------------------------------------------------
+# Help as data
+# --------------------------------------------------------------------------------------------
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
+    """A config field whose help is data: ``dataclasses.field`` with ``metadata={"help": help}``
+    (trl's convention). ``help`` says what the key does and where its default comes from; it is
+    what ``diffalign train CONFIG --help-keys``, ``diffalign recipes --show`` and the docs' config
+    reference print. ``factory`` is ``default_factory`` (lists, nested blocks)."""
+    return field(default=default, default_factory=factory, metadata={"help": " ".join(help.split())})
+
+
+@dataclass(frozen=True)
+class KeyHelp:
+    """One config key as ``--help-keys`` and the docs print it."""
+
+    key: str  # dotted, as in YAML overrides: ``sampler.num_steps``
+    type: str  # ``int``, ``float | None``, ``list[int]``
+    default: Any  # the dataclass default (a factory's value)
+    value: Any  # the resolved value in the config asked about (the default without one)
+    help: str  # the field's metadata["help"]; "" where a field has none (a test forbids that)
+
+
+def config_keys(cfg_or_cls: Any, prefix: str = "") -> list[KeyHelp]:
+    """Every leaf key of a config dataclass (class or instance), depth first in field order.
+
+    >>> from diffalign.config import BaseTrainConfig, config_keys
+    >>> row = next(k for k in config_keys(BaseTrainConfig) if k.key == "optim.learning_rate")
+    >>> row.type, row.default
+    ('float', 0.0001)
+    """
+    cls = cfg_or_cls if isinstance(cfg_or_cls, type) else type(cfg_or_cls)
+    instance = None if isinstance(cfg_or_cls, type) else cfg_or_cls
+    hints = typing.get_type_hints(cls)
+    rows: list[KeyHelp] = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        value = getattr(instance, f.name) if instance is not None else default
+        if dataclasses.is_dataclass(tp):
+            rows.extend(config_keys(value if value is not None else tp, prefix + f.name + "."))
+            continue
+        rows.append(KeyHelp(prefix + f.name, _annotation_name(tp), default, value, f.metadata.get("help", "")))
+        (item,) = typing.get_args(tp) if typing.get_origin(tp) is list else (None,)
+        if dataclasses.is_dataclass(item):  # a list of blocks (``rewards``): the keys of one item
+            rows.extend(config_keys(item, f"{prefix}{f.name}[]."))
+    return rows
+
+
+def yaml_key_comments(text: str) -> dict[str, str]:
+    """Dotted key -> the comment a YAML config writes beside it (``key: value  # why``) or in the
+    comment lines just above it. The file's opening comment block describes the file, not its
+    first key. Keys inside a flow mapping (``lora: {rank: 32}  # why``) have no comment of their
+    own: look up their block. Positions come from PyYAML's composed nodes, so flow mappings
+    spread over lines are read right."""
+    lines = text.splitlines()
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return {}
+    header_end = 0  # the opening comment block (and blank lines) of the file
+    while header_end < len(lines) and (not lines[header_end].strip() or lines[header_end].lstrip().startswith("#")):
+        header_end += 1
+    out: dict[str, str] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if not isinstance(node, yaml.MappingNode):
+            return
+        for key_node, value_node in node.value:
+            key = prefix + str(key_node.value)
+            said = []
+            if not node.flow_style:
+                above, row = [], key_node.start_mark.line - 1
+                while row >= header_end and lines[row].lstrip().startswith("#"):
+                    above.insert(0, lines[row].strip().lstrip("#").strip())
+                    row -= 1
+                said.extend(above)
+                end = value_node.end_mark
+                # a block value ends at the start of the next line: its comment is on the key's line
+                line = lines[end.line] if end.column and end.line < len(lines) else lines[key_node.start_mark.line]
+                rest = line[end.column:] if end.column else line[key_node.end_mark.column:]
+                if "#" in rest and rest.split("#", 1)[0].strip(" :,") == "":
+                    said.append(rest.split("#", 1)[1].strip())
+            if said:
+                out[key] = " ".join(said)
+            walk(value_node, key + ".")
+
+    walk(root, "")
+    return out
+
+
+def _annotation_name(tp: Any) -> str:
+    """``int | None`` rather than ``typing.Optional[int]``."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_annotation_name(a) for a in args)
+    if tp is type(None):
+        return "None"
+    if args:
+        return f"{getattr(typing.get_origin(tp), '__name__', str(tp))}[{', '.join(_annotation_name(a) for a in args)}]"
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+# --------------------------------------------------------------------------------------------
 # Shared blocks
 # --------------------------------------------------------------------------------------------
 
@@ -33,77 +138,121 @@ from .errors import ConfigError  # defined with the other user errors; re-export
 class ModelOptions:
     """How the backbone is loaded and run (``model`` itself is the top-level hub id or dir)."""
 
-    revision: str | None = None
-    variant: str | None = None  # e.g. "fp16" weights files on the hub
-    vae: str | None = None  # replacement VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL)
-    attention: str = "sdpa"  # sdpa | xformers | any diffusers attention backend name (DiTs)
-    gradient_checkpointing: bool = False
-    # images per VAE decode call (rollouts, evaluation): 0 = a whole batch at once. Bounds the decode's
-    # peak memory beside the training state (Qwen-Image's VAE: ~0.9 GB per 512 px image in flight)
-    vae_decode_batch: int = 0
-    channels_last: bool = False  # UNets: NHWC convolutions (faster on recent GPUs)
-    compile: bool = False  # torch.compile the denoiser (in place, so adapters can still be toggled)
-    compile_backend: str = "inductor"
-    max_sequence_length: int = 256  # T5 tokens for SD3/FLUX prompts
-    guidance: float = 3.5  # guidance-distilled models (FLUX.1-dev, FLUX.2-dev): the guidance input of forwards without a sampler (pair methods); diffusers' FLUX LoRA scripts train at 3.5
-    timestep_sampling: str = "uniform"  # flow models: uniform | logit_normal | mode
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
+    revision: str | None = option(None, help=(
+
+        "hub revision (branch, tag or commit) of the model; null: the default branch"
+
+    ))
+    variant: str | None = option(None, help='e.g. "fp16" weights files on the hub')
+    vae: str | None = option(None, help="replacement VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL)")
+    attention: str = option("sdpa", help="sdpa | xformers | any diffusers attention backend name (DiTs)")
+    gradient_checkpointing: bool = option(False, help=(
+        "recompute the denoiser's activations in the backward pass: less memory, about a third more "
+        "compute"
+    ))
+    vae_decode_batch: int = option(0, help=(
+        "images per VAE decode call (rollouts, evaluation): 0 = a whole batch at once. Bounds the "
+        "decode's peak memory beside the training state (Qwen-Image's VAE: ~0.9 GB per 512 px image in "
+        "flight)"
+    ))
+    channels_last: bool = option(False, help="UNets: NHWC convolutions (faster on recent GPUs)")
+    compile: bool = option(False, help="torch.compile the denoiser (in place, so adapters can still be toggled)")
+    compile_backend: str = option("inductor", help=(
+        "torch.compile backend when compile is true (torch._dynamo.list_backends(exclude_tags=()) names "
+        "them)"
+    ))
+    max_sequence_length: int = option(256, help="T5 tokens for SD3/FLUX prompts")
+    guidance: float = option(3.5, help=(
+        "guidance-distilled models (FLUX.1-dev, FLUX.2-dev): the guidance input of forwards without a "
+        "sampler (pair methods); diffusers' FLUX LoRA scripts train at 3.5"
+    ))
+    timestep_sampling: str = option("uniform", help="flow models: uniform | logit_normal | mode")
+    logit_mean: float = option(0.0, help=(
+        "timestep_sampling: logit_normal: the mean of the normal before the sigmoid (SD3 paper: 0)"
+    ))
+    logit_std: float = option(1.0, help="timestep_sampling: logit_normal: its standard deviation (SD3 paper: 1)")
+    mode_scale: float = option(1.29, help=(
+        "timestep_sampling: mode: the scale s of the mode sampling density (SD3 paper: 1.29)"
+    ))
 
 
 @dataclass
 class LoraOptions:
     """LoRA via peft. ``rank: 0`` means full fine-tuning of the denoiser."""
 
-    rank: int = 8
-    alpha: float | None = None  # defaults to rank (scale 1)
-    dropout: float = 0.0
-    target_modules: list[str] | None = None  # None: the adapter's family default
-    # peft init_lora_weights: gaussian | true (kaiming) | false (B and A random: a test-only non-identity start)
-    # | pissa | pissa_niter_N | olora | eva | corda | loftq | orthogonal
-    init: str | bool = "gaussian"
+    rank: int = option(8, help="LoRA rank r of every targeted linear/conv layer; 0: full fine-tuning of the denoiser")
+    alpha: float | None = option(None, help="defaults to rank (scale 1)")
+    dropout: float = option(0.0, help="LoRA dropout on the adapter input (peft lora_dropout)")
+    target_modules: list[str] | None = option(None, help="None: the adapter's family default")
+    init: str | bool = option("gaussian", help=(
+        "peft init_lora_weights: gaussian | true (kaiming) | false (B and A random: a test-only "
+        "non-identity start) | pissa | pissa_niter_N | olora | eva | corda | loftq | orthogonal"
+    ))
 
 
 @dataclass
 class OptimOptions:
-    learning_rate: float = 1e-4
-    scale_lr: bool = False  # multiply lr by batch * accumulation * processes (Diffusion-DPO did)
-    lr_scheduler: str = "constant_with_warmup"
-    warmup_steps: int = 0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    use_8bit_adam: bool = False
+    learning_rate: float = option(1e-4, help=(
+        "AdamW learning rate (the peak, after warm-up; times batch, accumulation and processes with "
+        "scale_lr)"
+    ))
+    scale_lr: bool = option(False, help="multiply lr by batch * accumulation * processes (Diffusion-DPO did)")
+    lr_scheduler: str = option("constant_with_warmup", help=(
+        "diffusers.optimization.get_scheduler name: constant | constant_with_warmup | linear | cosine | "
+        "cosine_with_restarts | polynomial | piecewise_constant"
+    ))
+    warmup_steps: int = option(0, help="optimizer steps of linear learning-rate warm-up (schedulers with warm-up)")
+    adam_beta1: float = option(0.9, help="AdamW beta1")
+    adam_beta2: float = option(0.999, help="AdamW beta2")
+    weight_decay: float = option(1e-2, help="AdamW decoupled weight decay")
+    adam_epsilon: float = option(1e-8, help="AdamW epsilon")
+    max_grad_norm: float = option(1.0, help=(
+        "clip the global gradient norm to this before each optimizer step; 0: no clipping"
+    ))
+    use_8bit_adam: bool = option(False, help="bitsandbytes' 8-bit AdamW (needs diffalign[bnb] and a CUDA device)")
 
 
 @dataclass
 class DataOptions:
     """Pick-a-Pic-schema preference data (hub id, local dir or parquet files)."""
 
-    split: str = "train"
-    streaming: bool = False
-    resolution: int = 512
-    random_crop: bool = False
-    random_flip: bool = True
-    drop_ties: bool = True
-    drop_identical: bool = True  # rows with are_different == False
-    empty_prompt_prob: float = 0.0  # fraction of captions replaced by "" (CFG-style dropout)
-    caption_column: str = "caption"
-    max_samples: int | None = None
-    shuffle_buffer: int = 1000  # streaming only
-    # Pair trainer: precompute VAE latent moments and prompt embeddings once and train from them
-    # (the same estimator: fresh timestep and noise every step; diffalign.data.cache). Built on
-    # first use, content-keyed; false: encode every batch with the VAE and text encoders.
-    cache: bool = True
-    cache_dir: str | None = None  # where the cache lives; None: ~/.cache/diffalign/latents/<content key> ($DIFFALIGN_LATENT_CACHE / $DIFFALIGN_CACHE move it)
-    # dtype of the cached latent moments and prompt embeddings: float32 | bfloat16 | float16. The
-    # 16-bit ones halve the cache (FLUX.1 at 1024 px: 8 MiB a pair in float32 with flips); the
-    # training step casts them to its own dtype anyway, so bfloat16 suits a bf16 run.
-    cache_dtype: str = "float32"
-    num_workers: int = 0
+    split: str = option("train", help=(
+
+        "the dataset split to read (Pick-a-Pic: train, validation, test, validation_unique, test_unique)"
+
+    ))
+    streaming: bool = option(False, help=(
+        "read a hub dataset as a stream (no full download; rows are shuffled in a buffer of "
+        "shuffle_buffer)"
+    ))
+    resolution: int = option(512, help="image side in pixels that pairs are resized and cropped to (a multiple of 8)")
+    random_crop: bool = option(False, help="crop at a random position after resizing; false: a centre crop")
+    random_flip: bool = option(True, help=(
+        "flip both images of a pair horizontally with probability 0.5 (Diffusion-DPO's training did)"
+    ))
+    drop_ties: bool = option(True, help="drop pairs the raters called a tie (label_0 == 0.5), as Diffusion-DPO did")
+    drop_identical: bool = option(True, help="rows with are_different == False")
+    empty_prompt_prob: float = option(0.0, help='fraction of captions replaced by "" (CFG-style dropout)')
+    caption_column: str = option("caption", help="the column holding the prompt")
+    max_samples: int | None = option(None, help=(
+        "read at most this many rows (after dropping ties and identical pairs); null: all"
+    ))
+    shuffle_buffer: int = option(1000, help="streaming only")
+    cache: bool = option(True, help=(
+        "Pair trainer: precompute VAE latent moments and prompt embeddings once and train from them (the "
+        "same estimator: fresh timestep and noise every step; diffalign.data.cache). Built on first use, "
+        "content-keyed; false: encode every batch with the VAE and text encoders."
+    ))
+    cache_dir: str | None = option(None, help=(
+        "where the cache lives; None: ~/.cache/diffalign/latents/<content key> ($DIFFALIGN_LATENT_CACHE / "
+        "$DIFFALIGN_CACHE move it)"
+    ))
+    cache_dtype: str = option("float32", help=(
+        "dtype of the cached latent moments and prompt embeddings: float32 | bfloat16 | float16. The "
+        "16-bit ones halve the cache (FLUX.1 at 1024 px: 8 MiB a pair in float32 with flips); the "
+        "training step casts them to its own dtype anyway, so bfloat16 suits a bf16 run."
+    ))
+    num_workers: int = option(0, help="torch DataLoader worker processes (0: load in the training process)")
 
 
 @dataclass
@@ -111,27 +260,55 @@ class BaseTrainConfig:
     """Keys shared by every trainer. ``model``, ``data``, ``output_dir``, ``max_steps`` and
     ``seed`` are the public contract of ``diffalign train``."""
 
-    method: str = "dpo"
-    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    data: str | None = None
-    output_dir: str = "outputs/run"
-    max_steps: int = 1000
-    seed: int = 0
-    mixed_precision: str = "no"  # no | fp16 | bf16
-    batch_size: int = 1  # per process
-    gradient_accumulation_steps: int = 1
-    log_every: int = 1
-    report_to: str = "none"  # none | tensorboard | wandb | all
-    allow_tf32: bool = True
-    checkpoint_every: int = 0  # optimizer steps between checkpoints (0 = none)
-    checkpoints_keep: int = 3  # keep the last K checkpoints
-    resume: str | None = None  # "latest" or a checkpoint dir; only a checkpoint of the same config resumes
-    # true: remove a previous run's files from output_dir (metrics, checkpoints, weights) and start
-    # fresh. Without it a non-empty output_dir of a different config is refused.
-    overwrite: bool = False
-    model_opts: ModelOptions = field(default_factory=ModelOptions)
-    lora: LoraOptions = field(default_factory=LoraOptions)
-    optim: OptimOptions = field(default_factory=OptimOptions)
+    method: str = option("dpo", help=(
+
+        "the method that runs: an offline method (dpo, mapo, sft, kto, ...) or an online one (grpo, nft, "
+
+        "awm); it picks the trainer and its config"
+
+    ))
+    model: str = option("stable-diffusion-v1-5/stable-diffusion-v1-5", help=(
+        "the backbone: a hub id or a local diffusers directory (its model_index.json picks the family "
+        "adapter)"
+    ))
+    data: str | None = option(None, help=(
+        "preference data (pair trainer) or a prompt file (online trainers): hub id, dataset dir, parquet, "
+        "txt or jsonl"
+    ))
+    output_dir: str = option("outputs/run", help=(
+        "where the run writes metrics.jsonl, config.yaml, weights, checkpoints and its model card"
+    ))
+    max_steps: int = option(1000, help=(
+        "optimizer steps to train (each over batch_size x gradient_accumulation_steps x processes "
+        "samples)"
+    ))
+    seed: int = option(0, help=(
+        "seed of every random draw (data order, noise, timesteps, rollouts); same config and seed: same "
+        "run"
+    ))
+    mixed_precision: str = option("no", help="no | fp16 | bf16")
+    batch_size: int = option(1, help="per process")
+    gradient_accumulation_steps: int = option(1, help=(
+        "micro-batches whose gradients are summed before each optimizer step"
+    ))
+    log_every: int = option(1, help=(
+        "optimizer steps between metric lines in metrics.jsonl and the trackers (the last step is always "
+        "logged)"
+    ))
+    report_to: str = option("none", help="none | tensorboard | wandb | all")
+    allow_tf32: bool = option(True, help=(
+        "allow TF32 matmuls on Ampere+ GPUs (torch.backends.cuda.matmul.allow_tf32); no effect on CPU"
+    ))
+    checkpoint_every: int = option(0, help="optimizer steps between checkpoints (0 = none)")
+    checkpoints_keep: int = option(3, help="keep the last K checkpoints")
+    resume: str | None = option(None, help='"latest" or a checkpoint dir; only a checkpoint of the same config resumes')
+    overwrite: bool = option(False, help=(
+        "true: remove a previous run's files from output_dir (metrics, checkpoints, weights) and start "
+        "fresh. Without it a non-empty output_dir of a different config is refused."
+    ))
+    model_opts: ModelOptions = option(factory=ModelOptions, help="how the backbone is loaded and run")
+    lora: LoraOptions = option(factory=LoraOptions, help="the LoRA adapter (peft), or full fine-tuning with rank 0")
+    optim: OptimOptions = option(factory=OptimOptions, help="optimizer and learning-rate schedule")
 
     def validate(self) -> None:
         check(self.max_steps >= 1, "max_steps", "must be >= 1")

@@ -100,13 +100,13 @@ import sys
 from diffalign.config import load_config
 import diffalign.trainers
 from diffalign.pipelines import GuidedModel
-from diffalign.trainers.grpo import train_grpo
+from diffalign.trainers.online import train_online
 
 plain = GuidedModel.__call__
 GuidedModel.__call__ = lambda self, x, t, p, net=None: plain(self, x, t, p, net) + 1e-3 * x.shape[0]
 config, model, out = sys.argv[1:4]
 for on in ("false", "true"):
-    train_grpo(load_config(config, [f"model={model}", f"output_dir={out}/{on}", "mixed_precision=bf16", "max_steps=1",
+    train_online(load_config(config, [f"model={model}", f"output_dir={out}/{on}", "mixed_precision=bf16", "max_steps=1",
                                     "prompts_per_step=2", "train_batch_size=3", "loss.clip_range=1e-4", "eval.every=-1",
                                     f"loss.recompute_old_logprob={on}"]))
 """

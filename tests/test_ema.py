@@ -140,11 +140,11 @@ def _sorted_values(tensors) -> torch.Tensor:
 
 
 def test_eval_and_final_weights_use_the_ema(tiny_model, tmp_path):
-    from diffalign.trainers.grpo import GRPORecipe
+    from diffalign.trainers.online import OnlineRecipe
 
     cfg = load_config(CONFIGS / "grpo.yaml", [f"model={tiny_model('sd3')}", f"output_dir={tmp_path}", "max_steps=2", *SMALL,
                                               "ema.enabled=true", "ema.decay=0.5", "ema.update_every=1", "ema.warmup=false"])
-    recipe = GRPORecipe(cfg).setup()
+    recipe = OnlineRecipe(cfg).setup()
     recipe.train()
     ema = recipe.ema
     raw = {n: p.detach().clone() for n, p in ema.params.items()}

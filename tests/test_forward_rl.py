@@ -12,7 +12,7 @@ import torch
 from diffalign.config import ConfigError, load_config
 from diffalign.losses.forward import (awm_log_prob, awm_policy_loss, kl_ema_decay, nft_loss, nft_optimality,
                                       old_policy_decay, velocity_kl)
-from diffalign.trainers.forward import draw_train_steps
+from diffalign.trainers.forward_process import draw_train_steps
 from diffalign.trainers.forward_config import ForwardOptions
 
 CONFIGS = Path(__file__).resolve().parents[1] / "diffalign" / "configs" / "tiny"
@@ -225,11 +225,11 @@ def test_awm_sum_first_against_an_independent_computation():
 
 
 def _awm_recipe(tiny_model, tmp_path, *overrides):
-    from diffalign.trainers.forward import ForwardRLRecipe
+    from diffalign.trainers.online import OnlineRecipe
 
     cfg = load_config(CONFIGS / "awm.yaml", [f"model={tiny_model('sd3')}", f"output_dir={tmp_path}", "sampler.resolution=16",
                                              "eval.every=-1", *overrides])
-    return ForwardRLRecipe(cfg).setup()
+    return OnlineRecipe(cfg).setup()
 
 
 def test_awm_ema_kl_term_and_anchor_decay(tiny_model, tmp_path):
@@ -239,29 +239,32 @@ def test_awm_ema_kl_term_and_anchor_decay(tiny_model, tmp_path):
     import copy
 
     from diffalign.pipelines import GuidedModel
-    from diffalign.trainers.forward import ImageAdvantages, NoisedRows
+    from diffalign.trainers.forward_process import ImageAdvantages, NoisedRows
+    from diffalign.trainers.strategy import StepRewards
 
     recipe = _awm_recipe(tiny_model, tmp_path, "awm.ema_beta=0.5", "forward.kl_beta=0")
-    assert recipe.kl_ema_params is not None
+    strategy = recipe.strategy
+    assert strategy.kl_ema_params is not None
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # the trained weights move away from the anchor
         for p in recipe.params:
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-    anchor = [e.clone() for e in recipe.kl_ema_params]
+    anchor = [e.clone() for e in strategy.kl_ema_params]
     assert any(not torch.equal(a, p) for a, p in zip(anchor, recipe.params))
     model = GuidedModel(recipe.adapter, recipe.adapter.encode_prompt(["a red cube", "a blue ball"]), recipe.uncond,
                         recipe.cfg.sampler.guidance_scale)
     shape = recipe.latent_shape
-    adv = ImageAdvantages(torch.randn((4, *shape), generator=g), torch.tensor([0, 0, 1, 1]),
-                          torch.tensor([1.0, -1.0, 0.5, -0.5]), {}, torch.tensor([0, 0, 1, 1]), torch.zeros(4))
+    groups = torch.tensor([0, 0, 1, 1])
+    adv = ImageAdvantages(StepRewards({}, groups, torch.zeros(4), []), torch.randn((4, *shape), generator=g),
+                          torch.tensor([0, 0, 1, 1]), torch.tensor([1.0, -1.0, 0.5, -0.5]))
     rows = NoisedRows(torch.tensor([0, 1, 2, 3, 0, 2]), torch.tensor([1, 2, 3, 1, 3, 2]), torch.randn((6, *shape), generator=g))
     with torch.no_grad():
-        on, metrics = recipe.rows_loss(model, adv, rows)
-        recipe.kl_ema_params, kept = None, recipe.kl_ema_params
-        off, _ = recipe.rows_loss(model, adv, rows)
-        recipe.kl_ema_params = kept
+        on, metrics = strategy.rows_loss(model, adv, rows)
+        strategy.kl_ema_params, kept = None, strategy.kl_ema_params
+        off, _ = strategy.rows_loss(model, adv, rows)
+        strategy.kl_ema_params = kept
         # independent v_theta and v_ema: the trained network and a copy holding the anchor weights
-        _, x_t, _, t, prompt = recipe._noised(adv, rows)
+        _, x_t, _, t, prompt = strategy._noised(adv, rows)
         v = model(x_t, t, prompt, recipe.policy.module)
         twin = copy.deepcopy(recipe.policy.module)
         for q, a in zip([q for q in twin.parameters() if q.requires_grad], anchor):
@@ -271,12 +274,12 @@ def test_awm_ema_kl_term_and_anchor_decay(tiny_model, tmp_path):
     assert float(expected) > 0
     assert float(metrics["ema_kl"]) == pytest.approx(float(expected), rel=1e-4)
     assert float(on - off) == pytest.approx(0.5 * float(expected), rel=1e-4)
-    assert all(torch.equal(a, p) for a, p in zip(anchor, recipe.kl_ema_params))  # swapped back, untouched
+    assert all(torch.equal(a, p) for a, p in zip(anchor, strategy.kl_ema_params))  # swapped back, untouched
     # the anchor's decay after an update: d = min(0.3, 0.001 * updates taken)
-    recipe.optimizer_steps = 120
-    recipe._decay_kl_ema()
+    strategy.optimizer_steps = 120
+    strategy._decay_kl_ema()
     d = min(0.3, 0.001 * 120)
-    for a, e, p in zip(anchor, recipe.kl_ema_params, recipe.params):
+    for a, e, p in zip(anchor, strategy.kl_ema_params, recipe.params):
         assert torch.allclose(e, d * a + (1 - d) * p.detach(), atol=1e-7)
 
 

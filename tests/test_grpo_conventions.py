@@ -139,7 +139,7 @@ def _transitions(rows: int, steps: int) -> dict:
 
 
 def test_dancegrpo_rule_random_int_of_n_minus_one_never_the_last():
-    from diffalign.trainers.grpo import select_fraction
+    from diffalign.trainers.trajectory import select_fraction
 
     rows, n, f = 6, 10, 0.6
     trans = _transitions(rows, n)
@@ -154,7 +154,7 @@ def test_dancegrpo_rule_random_int_of_n_minus_one_never_the_last():
 
 @pytest.mark.parametrize("fraction", [0.99, 0.9, 0.7, 0.35])
 def test_flow_grpo_rule_first_int_n_f_steps(fraction):
-    from diffalign.trainers.grpo import select_fraction
+    from diffalign.trainers.trajectory import select_fraction
 
     rows, n = 3, 10
     trans = _transitions(rows, n)
@@ -235,10 +235,10 @@ SMALL = ("max_steps=2", "sampler.num_steps=3", "prompts_per_step=2", "batch_size
 def _run(model_dir, out, *overrides):
     import json
 
-    from diffalign.trainers.grpo import train_grpo
+    from diffalign.trainers.online import train_online
 
     cfg = load_config(CONFIGS / "grpo.yaml", [f"model={model_dir}", f"output_dir={out}", *overrides])
-    train_grpo(cfg)
+    train_online(cfg)
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -246,12 +246,12 @@ def test_reference_conventions_train_on_policy_with_a_watched_eval_reward(tiny_m
     """DanceGRPO's table, step rule, std and x0 reward with flow_grpo's KL form, an eval-only reward:
     on-policy log-probs, KL 0 at the reference, int((N - 1) f) steps per sample, the last step's
     x0-prediction scored (not the final latent), the watched reward logged."""
-    import diffalign.trainers.grpo as grpo
+    import diffalign.trainers.online as online
 
     rollouts, scored = [], []
-    real_rollout, real_score = grpo.rollout, grpo.score_images
-    monkeypatch.setattr(grpo, "rollout", lambda *a, **k: rollouts.append(real_rollout(*a, **k)) or rollouts[-1])
-    monkeypatch.setattr(grpo, "score_images", lambda adapter, latents, *a: scored.append(latents) or real_score(adapter, latents, *a))
+    real_rollout, real_score = online.rollout, online.score_images
+    monkeypatch.setattr(online, "rollout", lambda *a, **k: rollouts.append(real_rollout(*a, **k)) or rollouts[-1])
+    monkeypatch.setattr(online, "score_images", lambda adapter, latents, *a: scored.append(latents) or real_score(adapter, latents, *a))
     rows = _run(tiny_model("sd3"), tmp_path, *SMALL, "loss.kl_beta=0.05", "loss.kl_form=flow_grpo",
                 "sampler.sigma_schedule=time_shift", "reward_on=x0_last", "schedule.exclude_last_step=true",
                 "schedule.timestep_rounding=floor", "schedule.timestep_fraction=0.6", "advantage.std_ddof=1",
@@ -272,9 +272,9 @@ def test_cps_flow_grpo_log_prob_is_on_policy_in_the_trainer(tiny_model, tmp_path
 
 def test_zero_advantage_transitions_are_dropped(tiny_model, tmp_path, monkeypatch):
     """flow_grpo filters samples whose advantages are all zero: a constant reward leaves nothing to train."""
-    import diffalign.trainers.grpo as grpo
+    import diffalign.trainers.online as online
 
-    monkeypatch.setattr(grpo, "resolve_reward", lambda name, args=None, device=None: lambda images, *a, **k: torch.zeros(len(images)))
+    monkeypatch.setattr(online, "resolve_reward", lambda name, args=None, device=None: lambda images, *a, **k: torch.zeros(len(images)))
     kept = _run(tiny_model("sd3"), tmp_path / "a", *SMALL, "max_steps=1", "eval.every=-1")
     dropped = _run(tiny_model("sd3"), tmp_path / "b", *SMALL, "max_steps=1", "eval.every=-1",
                    "advantage.drop_zero_advantage=true")
@@ -283,10 +283,10 @@ def test_zero_advantage_transitions_are_dropped(tiny_model, tmp_path, monkeypatc
 
 
 def _recipe(model_dir, out, *overrides):
-    from diffalign.trainers.grpo import GRPORecipe
+    from diffalign.trainers.online import OnlineRecipe
 
     cfg = load_config(CONFIGS / "grpo.yaml", [f"model={model_dir}", f"output_dir={out}", "prompts_per_step=4", *overrides])
-    return GRPORecipe(cfg).setup()
+    return OnlineRecipe(cfg).setup()
 
 
 def test_prompt_sampling_distinct_and_epoch_over_ranks(tiny_model, tmp_path):
@@ -340,7 +340,7 @@ def test_convention_options_reject_bad_values_naming_the_key(overrides, key):
 def test_reward_curve_plots_watched_rewards_beside_the_training_reward(tmp_path):
     from PIL import Image
 
-    from diffalign.trainers.grpo import save_reward_curve
+    from diffalign.trainers.plots import save_reward_curve
 
     rows = [{"step": s, "reward_mean": 0.1 * s, "reward_std": 0.01,
              **({"eval_reward_mean": 0.1 * s, "eval_reward/hpsv2": 0.3 - 0.01 * s} if s % 2 == 0 else {})}

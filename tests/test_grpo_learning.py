@@ -31,10 +31,10 @@ def sdxl(tiny_model):
 
 
 def _learns(model, out, *overrides):
-    from diffalign.trainers.grpo import train_grpo
+    from diffalign.trainers.online import train_online
 
     cfg = load_config(CONFIGS / "grpo.yaml", [f"model={model}", f"output_dir={out}", *COMMON, *overrides])
-    train_grpo(cfg)
+    train_online(cfg)
     rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     rewards = [r["reward_mean"] for r in rows]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
@@ -76,14 +76,14 @@ FORWARD = ("sampler.cfg=false", "sampler.resolution=16", "group_size=16", "batch
     ("awm", ("forward.train_timesteps=2", "forward.skip_first_step=false")),
 ])
 def test_forward_process_methods_raise_a_latent_reward(tiny_model, tmp_path, monkeypatch, method, overrides):
-    import diffalign.trainers.grpo as grpo
+    import diffalign.trainers.online as online
     from diffalign.trainers import train
 
     def latent_channel_mean(adapter, latents, prompts, metadata, rewards):
         value = latents.float()[:, 0].mean(dim=(1, 2)).cpu()
         return {**{name: value for name, _, _ in rewards}, "_seconds": 0.0}
 
-    monkeypatch.setattr(grpo, "score_images", latent_channel_mean)
+    monkeypatch.setattr(online, "score_images", latent_channel_mean)
     cfg = load_config(CONFIGS / f"{method}.yaml", [f"model={tiny_model('sd3')}", f"output_dir={tmp_path}", *FORWARD, *overrides])
     train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

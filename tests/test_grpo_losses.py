@@ -139,7 +139,7 @@ def test_multi_reward_modes():
 
 
 def test_select_fraction_keeps_a_fraction_of_each_row():
-    from diffalign.trainers.grpo import select_fraction
+    from diffalign.trainers.trajectory import select_fraction
 
     n_rows, n_steps = 6, 10
     trans = {"log_prob": torch.zeros(n_rows * n_steps), "depth": torch.zeros(n_rows * n_steps, dtype=torch.long),
@@ -153,7 +153,7 @@ def test_select_fraction_keeps_a_fraction_of_each_row():
 
 def test_select_fraction_first_keeps_the_earliest_steps_of_each_row():
     """flow_grpo's convention: the first int(n * f) steps of each trajectory, never the last."""
-    from diffalign.trainers.grpo import select_fraction
+    from diffalign.trainers.trajectory import select_fraction
 
     n_rows, n_steps = 4, 10
     # transitions stored step-major (as the rollout records them): step i of every row, then i + 1

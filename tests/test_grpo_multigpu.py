@@ -70,22 +70,22 @@ def test_every_reward_model_sits_on_the_accelerator_device(tiny_model, tmp_path,
     """The trainer gives every reward it builds (training and ``eval.rewards``) ``accelerator.device``
     and loads it before the scoring thread starts; the scoring thread sets that device. The rewards'
     own default is made a different device (meta), so a reward left to its default is caught."""
-    import diffalign.trainers.grpo as grpo
+    import diffalign.trainers.online as online
     from diffalign.rewards import base, tiny
 
     clip_dir = tiny.BUILDERS["clip"](tmp_path / "clip")
     pick_dir = tiny.BUILDERS["pickscore"](tmp_path / "pickscore")
     monkeypatch.setattr(base, "default_device", lambda: torch.device("meta"))
     bound = []
-    real_bind = getattr(grpo, "use_device_in_thread", lambda d: None)
-    monkeypatch.setattr(grpo, "use_device_in_thread",
+    real_bind = getattr(online, "use_device_in_thread", lambda d: None)
+    monkeypatch.setattr(online, "use_device_in_thread",
                         lambda d: (bound.append((d, threading.current_thread() is threading.main_thread())), real_bind(d)),
                         raising=False)
 
     cfg = _cfg(tiny_model("sd3"), tmp_path / "run")
     cfg.rewards = [RewardSpec(name=f"clipscore={clip_dir}")]
     cfg.eval.rewards = [RewardSpec(name=f"pickscore={pick_dir}")]
-    recipe = grpo.GRPORecipe(cfg).setup()
+    recipe = online.OnlineRecipe(cfg).setup()
     try:
         device = recipe.accelerator.device
         rewards = [fn for _, _, fn in recipe.rewards + recipe.watched_rewards]
@@ -104,7 +104,7 @@ def test_every_reward_model_sits_on_the_accelerator_device(tiny_model, tmp_path,
 
 # ------------------------------------------------------------------------------------ 4. evaluation
 def test_eval_shard_covers_every_prompt_once_in_order():
-    from diffalign.trainers.grpo import eval_shard
+    from diffalign.trainers.rollout_schedule import eval_shard
 
     assert eval_shard(5, 0, 1) == [0, 1, 2, 3, 4]
     assert eval_shard(5, 0, 2) == [0, 1, 2] and eval_shard(5, 1, 2) == [3, 4, 4]  # padded to equal counts
@@ -119,9 +119,9 @@ def test_eval_shard_covers_every_prompt_once_in_order():
 def test_evaluation_decodes_in_chunks_of_eval_batch_size(tiny_model, tmp_path):
     """Every decode holds at most ``eval.batch_size`` images and together they are the eval set;
     the means do not depend on the chunk size (up to kernel numerics)."""
-    from diffalign.trainers.grpo import GRPORecipe
+    from diffalign.trainers.online import OnlineRecipe
 
-    recipe = GRPORecipe(_cfg(tiny_model("sd3"), tmp_path, "eval.num_prompts=5", "eval.batch_size=2")).setup()
+    recipe = OnlineRecipe(_cfg(tiny_model("sd3"), tmp_path, "eval.num_prompts=5", "eval.batch_size=2")).setup()
     try:
         sizes = []
         real_decode = recipe.adapter.decode_latents
@@ -147,20 +147,20 @@ def test_eval_batch_size_must_be_positive(tiny_model, tmp_path):
 
 def test_checkpoint_is_saved_before_the_evaluation(tiny_model, tmp_path, monkeypatch):
     """An evaluation that fails (out of memory) after a checkpoint-due step must not lose the step."""
-    from diffalign.trainers.grpo import GRPORecipe, train_grpo
+    from diffalign.trainers.online import OnlineRecipe, train_online
 
     def oom(self, prompts, metadata):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(GRPORecipe, "evaluate", oom)
+    monkeypatch.setattr(OnlineRecipe, "evaluate", oom)
     with pytest.raises(RuntimeError, match="out of memory"):
-        train_grpo(_cfg(tiny_model("sd3"), tmp_path, "checkpoint_every=1", "eval.every=0"))
+        train_online(_cfg(tiny_model("sd3"), tmp_path, "checkpoint_every=1", "eval.every=0"))
     assert (tmp_path / "checkpoints" / "step-000001").is_dir()
 
 
 # ------------------------------------------------------------------------------------ 8. equal micro-batches
 def test_pad_selection_pads_with_masked_repeats():
-    from diffalign.trainers.grpo import pad_selection
+    from diffalign.trainers.trajectory import pad_selection
 
     rows, real = pad_selection(torch.tensor([3, 7]), 5, 10)
     assert rows.tolist() == [3, 7, 3, 7, 3] and real.tolist() == [True, True, False, False, False]
@@ -174,9 +174,10 @@ def test_pad_selection_pads_with_masked_repeats():
 
 def test_padding_rows_carry_no_gradient(tiny_model, tmp_path):
     """``keep`` False zeroes a row's policy and KL terms: [real, pad] is half the loss of [real]."""
-    from diffalign.trainers.grpo import GRPORecipe, make_plan
+    from diffalign.trainers.online import OnlineRecipe
+    from diffalign.trainers.rollout_schedule import make_plan
 
-    recipe = GRPORecipe(_cfg(tiny_model("sd3"), tmp_path, "loss.kl_beta=0.1", "eval.every=-1")).setup()
+    recipe = OnlineRecipe(_cfg(tiny_model("sd3"), tmp_path, "loss.kl_beta=0.1", "eval.every=-1")).setup()
     try:
         plan, _ = make_plan(recipe.cfg, 0, torch.Generator().manual_seed(0))
         rolled = recipe.rollout(plan, recipe.prompt_indices(1))
@@ -188,11 +189,11 @@ def test_padding_rows_carry_no_gradient(tiny_model, tmp_path):
         trans = adv.transitions
         pair = trans[torch.tensor([0, 1])]
         one = trans[torch.tensor([0])]
-        loss_one, m_one, _ = recipe.transition_loss(rolled.model, one)
-        loss_pad, m_pad, _ = recipe.transition_loss(rolled.model, pair, torch.tensor([True, False]))
+        loss_one, m_one, _ = recipe.strategy.transition_loss(rolled.model, one)
+        loss_pad, m_pad, _ = recipe.strategy.transition_loss(rolled.model, pair, torch.tensor([True, False]))
         assert float(m_one["kl"]) > 0
         torch.testing.assert_close(loss_pad, loss_one / 2, rtol=1e-5, atol=1e-7)
-        loss_none, _, _ = recipe.transition_loss(rolled.model, pair, torch.tensor([False, False]))
+        loss_none, _, _ = recipe.strategy.transition_loss(rolled.model, pair, torch.tensor([False, False]))
         recipe.optimizer.zero_grad(set_to_none=True)
         loss_none.backward()
         assert all(p.grad is None or float(p.grad.abs().max()) == 0.0 for p in recipe.params)
@@ -213,7 +214,7 @@ UNEVEN_RUN = textwrap.dedent('''
     from diffalign.config import load_config
     from diffalign.rewards import FunctionReward, register_reward
     from diffalign.rewards.simple import redness
-    from diffalign.trainers.grpo import train_grpo
+    from diffalign.trainers.online import train_online
 
     calls = []
 
@@ -228,7 +229,7 @@ UNEVEN_RUN = textwrap.dedent('''
 
 
     register_reward("uneven", lambda path=None, **kw: FunctionReward(uneven, "uneven", device=kw.get("device", "cpu")))
-    train_grpo(load_config(sys.argv[1], sys.argv[2:]))
+    train_online(load_config(sys.argv[1], sys.argv[2:]))
 ''')
 
 

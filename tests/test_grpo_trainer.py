@@ -25,10 +25,10 @@ def tiny(tiny_model):
 
 
 def run(model_dir, out, config="grpo.yaml", *overrides):
-    from diffalign.trainers.grpo import train_grpo
+    from diffalign.trainers.online import train_online
 
     cfg = load_config(CONFIGS / config, [f"model={model_dir}", f"output_dir={out}", *overrides])
-    result = train_grpo(cfg)
+    result = train_online(cfg)
     rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     return result, rows
 
@@ -122,7 +122,7 @@ def test_new_families_train_on_policy_and_save_a_lora_their_pipeline_loads(tiny,
 
 
 def test_reward_scoring_overlaps_next_rollout(tiny, tmp_path, monkeypatch):
-    import diffalign.trainers.grpo as grpo
+    import diffalign.trainers.online as online
     from diffalign.rewards.simple import redness
 
     events = []
@@ -133,7 +133,7 @@ def test_reward_scoring_overlaps_next_rollout(tiny, tmp_path, monkeypatch):
         events.append(("score_end", time.perf_counter(), None))
         return redness(images)
 
-    real_rollout = grpo.rollout
+    real_rollout = online.rollout
 
     def timed_rollout(*a, **kw):
         events.append(("rollout_start", time.perf_counter(), None))
@@ -141,8 +141,8 @@ def test_reward_scoring_overlaps_next_rollout(tiny, tmp_path, monkeypatch):
         events.append(("rollout_end", time.perf_counter(), None))
         return out
 
-    monkeypatch.setattr(grpo, "rollout", timed_rollout)
-    monkeypatch.setattr(grpo, "resolve_reward", lambda name, args=None, device=None: slow_reward)
+    monkeypatch.setattr(online, "rollout", timed_rollout)
+    monkeypatch.setattr(online, "resolve_reward", lambda name, args=None, device=None: slow_reward)
     run(tiny("sd3"), tmp_path, "grpo.yaml", "max_steps=1", "sampler.num_steps=2", "prompts_per_step=4", "batch_size=4",
         "group_size=2", "eval.every=-1")
     first_score = next(e for e in events if e[0] == "score_start")
@@ -153,7 +153,7 @@ def test_reward_scoring_overlaps_next_rollout(tiny, tmp_path, monkeypatch):
 
 
 def test_per_rank_generators_differ_and_shared_noise_is_shared():
-    from diffalign.trainers.grpo import initial_noise
+    from diffalign.trainers.rollout_schedule import initial_noise
 
     g0 = rank_generator(0, SimpleNamespace(process_index=0))
     g1 = rank_generator(0, SimpleNamespace(process_index=1))
@@ -240,7 +240,7 @@ def test_resume_repeats_the_same_step(tiny, tmp_path):
 
 def test_prompt_files_and_reward_names(tmp_path):
     from diffalign.errors import UserError
-    from diffalign.trainers.grpo import BUILTIN_PROMPTS, load_prompts, resolve_reward, reward_scores
+    from diffalign.trainers.grpo_rewards import BUILTIN_PROMPTS, load_prompts, resolve_reward, reward_scores
 
     assert load_prompts(None) == (BUILTIN_PROMPTS, None)
     (tmp_path / "p.txt").write_text("a cat\n\n a dog \n")
@@ -261,15 +261,15 @@ def test_prompt_files_and_reward_names(tmp_path):
 def test_nonfinite_loss_is_not_backpropagated(tiny, tmp_path, monkeypatch):
     """One NaN policy (optim_step): a NaN loss skips backward and the step, counted per step;
     ``loss.max_nonfinite_steps`` in a row abort the run."""
-    import diffalign.trainers.grpo as grpo
+    import diffalign.trainers.trajectory as trajectory
 
-    real_loss = grpo.grpo_clip_loss
+    real_loss = trajectory.grpo_clip_loss
 
     def nan_loss(*a, **kw):
         loss, metrics = real_loss(*a, **kw)
         return loss * float("nan"), metrics
 
-    monkeypatch.setattr(grpo, "grpo_clip_loss", nan_loss)
+    monkeypatch.setattr(trajectory, "grpo_clip_loss", nan_loss)
     _, rows = run(tiny("sd3"), tmp_path / "a", "grpo.yaml", *SMALL, "eval.every=-1", "loss.max_nonfinite_steps=3",
                   "loss.kl_beta=0.05")
     assert [r["nonfinite_skipped"] for r in rows] == [1, 1]

@@ -31,7 +31,7 @@ LAYERS: list[set[str]] = [
     {"diffalign.trainers"},
     {"diffalign.eval"},
     {"diffalign.testbed"},  # the testbed job evaluates through eval; eval never imports the testbed
-    {"diffalign.commands", "diffalign.cli", "diffalign.__main__", "diffalign.api", "diffalign"},
+    {"diffalign.commands", "diffalign.cli", "diffalign.api", "diffalign"},
 ]
 
 # Known violations, in files colleagues are rewriting in parallel (issue #12): delete an entry
@@ -190,7 +190,7 @@ def test_allow_lists_hold_only_live_violations():
 
 def test_the_checks_catch_what_they_should():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
-    assert _layer("diffalign.trainers.grpo") > _layer("diffalign.models.base") > _layer("diffalign.config")
+    assert _layer("diffalign.trainers.online") > _layer("diffalign.models.base") > _layer("diffalign.config")
     assert _layer("diffalign.cli") == len(LAYERS) - 1
 
 
@@ -198,11 +198,50 @@ def test_an_import_by_name_and_a_cycle_between_packages_are_caught(tmp_path):
     """A planted ``importlib.import_module`` of a higher layer is an upward import; an ``eval`` <->
     ``testbed`` pair of imports is a cycle (issue #28)."""
     planted = tmp_path / "planted.py"
-    planted.write_text("import importlib\n\ndef f():\n    return importlib.import_module('diffalign.trainers.grpo')\n")
+    planted.write_text("import importlib\n\ndef f():\n    return importlib.import_module('diffalign.trainers.online')\n")
     (target, _, line), = list(_imports("diffalign.models.base", planted))
-    assert target == "diffalign.trainers.grpo" and line == 4
+    assert target == "diffalign.trainers.online" and line == 4
     assert _layer(target) > _layer("diffalign.models.base")
     graph = _graph()
     graph["diffalign.eval.generate"] = graph["diffalign.eval.generate"] | {"diffalign.testbed.job"}
     assert any({"diffalign.eval.generate", "diffalign.testbed.job"} <= set(c) for c in _cycles(graph)), \
         "an eval -> testbed import beside testbed -> eval must be a cycle"
+
+
+# Entry points are imports too, made by name at run time: ``diffalign.rewards`` loads every
+# ``diffalign.rewards`` entry point, so ``pyproject.toml`` plugs the testbed's reward into a lower
+# layer. That inversion is the point of a plugin group, so each such edge is declared here; an
+# undeclared one, or one naming a module or callable that does not exist, fails.
+PLUGIN_EDGES: set[tuple[str, str]] = {
+    ("diffalign.rewards", "diffalign.testbed.registry"),  # the testbed's reward, registered by name
+}
+
+
+def _entry_points() -> list[tuple[str, str, str]]:
+    """(group, module, attribute) of every script and entry point in pyproject.toml."""
+    import tomllib
+
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    groups = {"console_scripts": project.get("scripts", {}), **project.get("entry-points", {})}
+    out = []
+    for group, entries in groups.items():
+        for value in entries.values():
+            module, _, attr = value.partition(":")
+            out.append((group, module.strip(), attr.strip()))
+    return out
+
+
+def test_entry_points_name_live_callables_and_declared_plugin_edges():
+    entries = _entry_points()
+    assert ("diffalign.rewards", "diffalign.testbed.registry", "auto_register") in entries
+    for group, module, attr in entries:
+        assert module in MODULES, f"pyproject entry point ({group}) names a missing module {module}"
+        tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+        defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        assert attr in defined, f"pyproject entry point ({group}) names {module}:{attr}, which is not defined there"
+        if group.startswith("diffalign.") and _layer(module) > _layer(group):
+            assert (group, module) in PLUGIN_EDGES, (
+                f"pyproject entry point plugs {module} (layer {_layer(module)}) into {group} (layer {_layer(group)}): "
+                "declare it in PLUGIN_EDGES if that inversion is intended")
+    stale = PLUGIN_EDGES - {(g, m) for g, m, _ in entries}
+    assert not stale, f"stale PLUGIN_EDGES: {stale}"

@@ -32,7 +32,7 @@ from diffalign.config import ConfigError, load_config
 from diffalign.pipelines import (
     DPMSolver2M, EulerODE, FlowSDEStep, post_window_compressed, rollout, time_shift_table, window_plan,
 )
-from diffalign.trainers.grpo import make_plan, rollout_table
+from diffalign.trainers.rollout_schedule import make_plan, rollout_table
 
 RECIPE = Path(__file__).resolve().parents[1] / "diffalign" / "configs" / "recipes" / "flux1_dev_mixgrpo_flash.yaml"
 N, SHIFT, RATIO, ETA = 25, 3.0, 0.4, 0.7

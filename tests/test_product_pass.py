@@ -35,7 +35,7 @@ def test_tiny_model_weights_are_world_readable(tmp_path):
 
 def test_train_reward_weights_are_world_readable(tmp_path):
     from diffalign.rewards.tiny import build_pickscore, write_toy_pairs
-    from diffalign.rewards.train import RewardTrainConfig, train_reward
+    from diffalign.trainers.reward_model import RewardTrainConfig, train_reward
 
     model = build_pickscore(tmp_path / "init")
     write_toy_pairs(tmp_path / "train.parquet", 16, seed=0)

@@ -292,7 +292,7 @@ def test_reward_name_aliases():
 
 
 def test_reward_accuracy_message_says_what_each_number_is():
-    from diffalign.rewards.train import describe_accuracy
+    from diffalign.rewards.pairs import describe_accuracy
 
     text = describe_accuracy({"accuracy": 0.75, "accuracy_strict": 1.0, "pairs": 4, "human_ties": 2})
     assert text == ("accuracy 0.750 over all 4 pairs (a human tie counts 0.5), "

@@ -134,12 +134,14 @@ def _toy_table(n: int, shift: float = 3.0):
 
 
 def _trained(recipe: str, iteration: int = 0, rows: int = 1):
-    """The transitions one training step of ``recipe`` trains (its plan, selection and pruning: GRPORecipe.advantages),
+    """The transitions one training step of ``recipe`` trains (its plan, selection and pruning: TrajectoryStrategy.advantages),
     on a toy flow model with tiny latents: (rollout transitions, selected indices)."""
     from types import SimpleNamespace
 
     from diffalign.pipelines import make_step_kind, rollout
-    from diffalign.trainers.grpo import GRPORecipe, StepRollout, make_plan
+    from diffalign.trainers.rollout_schedule import make_plan
+    from diffalign.trainers.strategy import StepRollout, step_rewards
+    from diffalign.trainers.trajectory import TrajectoryStrategy
 
     cfg = load_config(RECIPES / f"{recipe}.yaml", [])
     g = torch.Generator().manual_seed(0)
@@ -150,8 +152,8 @@ def _trained(recipe: str, iteration: int = 0, rows: int = 1):
     scores = {r.name: torch.randn(ro.final.shape[0], generator=g) for r in cfg.rewards}
     fake = SimpleNamespace(cfg=cfg, accelerator=SimpleNamespace(num_processes=1, process_index=0), table=table,
                            generator=g, device=torch.device("cpu"))
-    fake.pruning_mask = lambda tr, adv, step: GRPORecipe.pruning_mask(fake, tr, adv, step)
-    got = GRPORecipe.advantages(fake, StepRollout(None, ro, scores, {}), iteration + 1)
+    rolled = StepRollout(None, ro, scores, {})
+    got = TrajectoryStrategy(fake).advantages(rolled, step_rewards(fake.accelerator, cfg, rolled), iteration + 1)
     return ro.transitions, got.selected
 
 

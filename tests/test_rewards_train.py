@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_pickscore_loss_matches_definition():
-    from diffalign.rewards.train import pickscore_loss
+    from diffalign.trainers.reward_model import pickscore_loss
 
     torch.manual_seed(0)
     t = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)

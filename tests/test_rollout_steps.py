@@ -326,7 +326,7 @@ def _mixgrpo_windows(iterations, num_steps, size, shift, interval):
 
 @pytest.mark.parametrize("num_steps,size,shift,interval", [(6, 2, 1, 2), (10, 4, 1, 1), (25, 4, 2, 3)])
 def test_window_truncates_at_the_end_of_a_sweep_as_mixgrpo(num_steps, size, shift, interval):
-    from diffalign.trainers.grpo import make_plan
+    from diffalign.trainers.rollout_schedule import make_plan
     from diffalign.trainers.grpo_config import GRPOConfig, SamplerOptions, ScheduleOptions, WindowOptions
 
     cfg = GRPOConfig(sampler=SamplerOptions(num_steps=num_steps), schedule=ScheduleOptions(

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from diffalign.pipelines import SamplingTable, make_step_kind, rollout, tree_plan
-from diffalign.trainers.grpo import GRPORecipe, StepRollout
+from diffalign.trainers.strategy import StepRollout, step_rewards
 from diffalign.trainers.grpo_config import GRPOConfig, RewardSpec, SamplerOptions, ScheduleOptions, TreeOptions
+from diffalign.trainers.trajectory import TrajectoryStrategy
 from diffalign.trainers.tree_pruning import pruned_depth_steps, tree_pruning_mask
 
 STEPS, BRANCH_STEPS = 8, [0, 3]
@@ -122,10 +123,14 @@ def test_trainer_prunes_after_computing_tree_advantages():
     rewards = torch.randn(ro.final.shape[0], generator=torch.Generator().manual_seed(3))
     fake = SimpleNamespace(cfg=cfg, accelerator=SimpleNamespace(num_processes=1, process_index=0), table=_table(),
                            generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
-    fake.pruning_mask = lambda tr, adv, step: GRPORecipe.pruning_mask(fake, tr, adv, step)
     rolled = StepRollout(None, ro, {"r": rewards}, {})
+    strategy = TrajectoryStrategy(fake)
+
+    def advantages(step):
+        return strategy.advantages(rolled, step_rewards(fake.accelerator, cfg, rolled), step)
+
     step = 1  # depth pruning has slid one step: step 5 is pruned
-    got = GRPORecipe.advantages(fake, rolled, step)
+    got = advantages(step)
     tr = ro.transitions
     sel = got.selected.tolist()
     assert 5 not in {int(tr["step"][i]) for i in sel} and 6 in {int(tr["step"][i]) for i in sel}
@@ -142,7 +147,7 @@ def test_trainer_prunes_after_computing_tree_advantages():
         assert float(got.transitions.advantage[i]) == pytest.approx(expected, rel=1e-4, abs=1e-5)
     # after pruning_fraction of the run nothing is pruned
     cfg.max_steps, cfg.schedule.tree.pruning_fraction = 10, 0.5
-    assert GRPORecipe.advantages(fake, rolled, 6).selected.numel() == ro.num_transitions
+    assert advantages(6).selected.numel() == ro.num_transitions
 
 
 def _depth_first_transitions(tr, roots: torch.Tensor) -> list[int]:

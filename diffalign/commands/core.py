@@ -1,8 +1,9 @@
-"""Core commands: ``train``, ``cache``, ``recipes``, ``tiny-model``, ``toy-data``."""
+"""Core commands: ``train``, ``cache``, ``recipes``, ``tiny-model``, ``toy-data``; config help (``--help-keys``)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 
@@ -11,6 +12,9 @@ def cmd_train(args) -> int:
     from ..trainers import train
 
     cfg = load_config(args.config, args.overrides)
+    if args.help_keys is not None:  # every key with its help, type, default and resolved value; nothing runs
+        print_key_help(cfg, args.config, args.overrides, prefix=args.help_keys)
+        return 0
     if args.print_config:  # the resolved config (defaults, recipe, overrides), validated; nothing runs
         import yaml
 
@@ -19,14 +23,91 @@ def cmd_train(args) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
     result = train(cfg)
+    if os.environ.get("RANK", "0") != "0":  # torchrun / accelerate launch: the main process reports the run
+        return 0
     final = {k: v for k, v in result["final"].items() if isinstance(v, (int, float))}
     print(f"done: {cfg.output_dir} " + " ".join(f"{k}={v:.4g}" for k, v in final.items() if k in ("step", "loss", "implicit_acc", "reward_mean")))
     return 0
 
 
+def flat_keys(data: dict, prefix: str = "") -> set[str]:
+    """The dotted keys a YAML mapping sets (lists are values, not blocks)."""
+    keys: set[str] = set()
+    for k, v in data.items():
+        keys |= flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+    return keys
+
+
+def _yaml_value(value) -> str:
+    """``value`` as one line of YAML (blocks in a list, such as ``rewards``' items, as mappings)."""
+    import dataclasses
+
+    import yaml
+
+    if isinstance(value, list):
+        value = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
+
+
+def print_key_help(cfg, config: str | None, overrides: list[str], prefix: str = "", only_set: bool = False) -> int:
+    """Print each config key (under ``prefix``): its resolved value, type and default, where the
+    value comes from (the config file, an override, or the default), the field's help, and the
+    file's own comment on the key (its "why"). Returns how many keys were printed."""
+    import textwrap
+
+    from .. import recipes
+    from ..config import config_keys, load_yaml, parse_overrides, yaml_key_comments
+
+    source = recipes.resolve_config(config) if config else None
+    file_keys = flat_keys(load_yaml(config)) if config else set()
+    override_keys = flat_keys(parse_overrides(overrides))
+    comments = yaml_key_comments(source.read_text(encoding="utf-8")) if source is not None else {}
+    name = source.name if source is not None else ""
+    rows = [r for r in config_keys(cfg) if r.key == prefix.rstrip(".") or r.key.startswith(prefix)]
+    if only_set:
+        rows = [r for r in rows if r.key in file_keys | override_keys]
+    for r in rows:
+        item = "[]" in r.key  # a key of each item of a list of blocks (rewards[].name)
+        by = ("command line" if r.key in override_keys else name if r.key in file_keys
+              else "each item" if item else "")
+        where = f"{r.type}; {by}; default {_yaml_value(r.default)}" if by else f"{r.type}; default"
+        print(f"{r.key}  ({where})" if item else f"{r.key} = {_yaml_value(r.value)}  ({where})")
+        for line in textwrap.wrap(r.help, 96):
+            print(f"    {line}")
+        # the file's comment on this key, else on its block (``lora: {rank: 32}  # why``)
+        parts = r.key.split(".")
+        why = next((comments[k] for k in (".".join(parts[:n]) for n in range(len(parts), 0, -1)) if k in comments), None)
+        if why and r.key in file_keys:
+            for line in textwrap.wrap(f"{name}: {why}", 96):
+                print(f"    {line}")
+    if not rows:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"no config key starts with '{prefix}'; top-level keys: "
+                          + ", ".join(sorted({r.key.split(".")[0] for r in config_keys(cfg) if "[]" not in r.key})))
+    return len(rows)
+
+
 def cmd_recipes(args) -> int:
     from .. import recipes
 
+    if args.show:  # one recipe: its description and every key it sets, with help and its own comments
+        from .. import trainers  # noqa: F401  registers the trainer configs load_config picks from
+        from ..config import config_keys, load_config
+
+        source = recipes.resolve_config(args.show)
+        header = []
+        for line in source.read_text(encoding="utf-8").splitlines():
+            if not line.lstrip().startswith("#"):
+                break
+            header.append(line.lstrip("# ").rstrip())
+        print(f"{args.show}: {recipes.as_path(source)}")
+        print("\n".join(header) + "\n")
+        cfg = load_config(args.show)
+        shown = print_key_help(cfg, args.show, [], only_set=True)
+        print(f"\nthe other {len(config_keys(cfg)) - shown} keys keep their defaults: "
+              f"diffalign train {args.show} --help-keys [PREFIX]")
+        return 0
     if args.path:  # one config's file path, for tools that want a file (accelerate --config_file)
         print(recipes.as_path(recipes.resolve_config(args.path)))
         return 0
@@ -71,8 +152,6 @@ def cmd_toy_data(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    import os
-
     import torch
 
     from .. import trainers  # noqa: F401  registers the trainer configs load_config picks from
@@ -125,9 +204,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. model=DIR data=DIR max_steps=3 loss.beta=2000")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved, validated config as YAML and exit (nothing is loaded or trained)")
+    p.add_argument("--help-keys", nargs="?", const="", metavar="PREFIX",
+                   help="print every config key (or those under PREFIX, e.g. sampler) with its value, type, default, "
+                        "help and the config file's comment on it, and exit")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("recipes", help="list the packaged recipes and tiny/reward/accelerate configs")
+    p.add_argument("--show", metavar="NAME", help="print one recipe: its description and every key it sets, "
+                                                    "with the key's help and the recipe's comment on it")
     p.add_argument("--path", metavar="CONFIG", help="print the file path of one config (recipe name or tiny/dpo, accelerate/ddp ...)")
     p.set_defaults(func=cmd_recipes)
 

@@ -30,9 +30,21 @@ class PairBatch:
     rewards_w: torch.Tensor | None = None  # [B] per-image rewards (reward pairs)
     rewards_l: torch.Tensor | None = None
     skipped: dict[str, int] = field(default_factory=dict)  # rows the stream skipped, by reason
+    sample_seed: torch.Tensor | None = None  # [B] int64: data_opts.per_sample_draws, each pair's draw seed
 
     def __len__(self) -> int:
         return self.pixels_w.shape[0]
+
+    def conds(self, adapter) -> tuple[Cond, Cond]:
+        """(chosen-side cond, rejected-side cond)."""
+        cond = adapter.encode_prompt(self.captions)
+        return cond, adapter.encode_prompt(self.captions_l) if self.captions_l is not None else cond
+
+    def moments(self, adapter) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE posterior (mean, std) of the chosen then the rejected images ([2B]), or of the
+        one image both sides share ([B], ``pixels_l`` None); not yet sampled."""
+        pixels = self.pixels_w if self.pixels_l is None else torch.cat([self.pixels_w, self.pixels_l])
+        return adapter.encode_moments(pixels.to(adapter.device))
 
     def latents_and_cond(self, adapter) -> tuple[torch.Tensor, Cond, Cond]:
         """(latents [2B]: chosen then rejected, chosen-side cond, rejected-side cond). The VAE
@@ -62,9 +74,18 @@ class CachedPairBatch:
     rewards_w: torch.Tensor | None = None  # the cache stores no rewards
     rewards_l: torch.Tensor | None = None
     skipped: dict[str, int] = field(default_factory=dict)
+    sample_seed: torch.Tensor | None = None  # [B] int64: data_opts.per_sample_draws, each pair's draw seed
 
     def __len__(self) -> int:
         return self.mean_w.shape[0]
+
+    def conds(self, adapter) -> tuple[Cond, Cond]:
+        cond = {k: v.to(adapter.device) for k, v in self.cond.items()}
+        return cond, cond
+
+    def moments(self, adapter) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached posterior (mean, std) of the chosen then the rejected latents ([2B])."""
+        return torch.cat([self.mean_w, self.mean_l]), torch.cat([self.std_w, self.std_l])
 
     @property
     def has_reference(self) -> bool:
@@ -84,6 +105,7 @@ class UnpairedBatch:
     captions: list[str]  # [M]
     desirable: torch.Tensor  # bool [M]
     skipped: dict[str, int] = field(default_factory=dict)
+    sample_seed: torch.Tensor | None = None  # [M] int64: data_opts.per_sample_draws, each image's draw seed
 
     def __len__(self) -> int:
         return self.pixels.shape[0]

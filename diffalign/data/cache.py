@@ -45,7 +45,10 @@ node's local main process writes its index.
 
 Reading: every rank's stream visits every pair over the epochs (each epoch permutes all rows
 before sharding them over ranks, as the uncached stream does), so no rank can skip a shard; files
-are instead opened lazily and memory-mapped, and a rank reads only the rows it draws.
+are instead opened lazily and memory-mapped, and a rank reads only the rows it draws. With
+``data_opts.per_sample_draws`` the epoch's *cached* pairs are dealt round-robin over the
+concatenated epochs (:func:`~diffalign.data.pickapic.dealt`), so the ranks' k-th batches together
+are the k-th batch of a one-process run with the ranks' total batch size.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ from ..logging import is_quiet, progress
 from ..losses import per_sample_mse
 from ..models import cat_cond
 from .batches import CachedPairBatch
-from .pickapic import PairTransform, classify_row, decode_image, load_preference_dataset
+from .pickapic import PairTransform, classify_row, dealt, decode_image, load_preference_dataset, sample_seed, sample_seeds
 
 CACHE_VERSION = 4  # 2: data and model keyed by content; 3: source row count (the uncached stream's order);
 # 4: shards per building process, caption embeddings in shards, data_opts.cache_dtype
@@ -202,13 +205,29 @@ def fixed_pair_draws(adapter, batch: CachedPairBatch) -> tuple[torch.Tensor, tor
     """(latents [2B], noise [2B], timesteps [2B]) of the cached-reference estimator: pair ``i``
     always gets the posterior samples, noise and timestep drawn from ``Generator(row_seed[i])``,
     so the reference losses stored in the cache belong to exactly this (x_t, t)."""
+    mean, std = batch.moments(adapter)
+    return keyed_pair_draws(adapter, batch.row_seed.tolist(), mean, std)
+
+
+def keyed_pair_draws(adapter, seeds: list[int], mean: torch.Tensor, std: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latents [2B], noise [2B], timesteps [2B]) with every draw of pair ``i`` from
+    ``Generator(seeds[i])``, in this order: its timestep, the chosen and the rejected posterior
+    samples, its noise; chosen and rejected share the noise and timestep. ``mean`` / ``std``: the
+    posterior of the chosen then the rejected images ([2B]), or of one image both sides share
+    ([B]: its one sample on both sides). The cached-reference estimator's fixed draws
+    (:func:`fixed_pair_draws`) and ``data_opts.per_sample_draws`` (seeds from
+    :func:`~diffalign.data.pickapic.sample_seed`) both draw so."""
+    n = len(seeds)
+    paired = mean.shape[0] == 2 * n
     means, noises, ts = [], [], []
-    for i, seed in enumerate(batch.row_seed.tolist()):
+    for i, seed in enumerate(seeds):
         g = torch.Generator().manual_seed(int(seed))
         t = adapter.sample_timesteps(1, generator=g)
-        shape = batch.mean_w[i].shape
-        eps_w, eps_l, noise = (torch.randn(shape, generator=g) for _ in range(3))
-        means.append((batch.mean_w[i] + batch.std_w[i] * eps_w, batch.mean_l[i] + batch.std_l[i] * eps_l))
+        shape = mean[i].shape
+        eps_w, eps_l, noise = (torch.randn(shape, generator=g).to(mean.device) for _ in range(3))
+        m_w = mean[i] + std[i] * eps_w
+        means.append((m_w, mean[n + i] + std[n + i] * eps_l if paired else m_w))
         noises.append(noise)
         ts.append(t)
     samples = torch.stack([m[0] for m in means] + [m[1] for m in means])
@@ -216,6 +235,21 @@ def fixed_pair_draws(adapter, batch: CachedPairBatch) -> tuple[torch.Tensor, tor
     noise = torch.stack(noises).to(latents.device)
     t = torch.cat(ts).to(latents.device)
     return latents, torch.cat([noise, noise]), torch.cat([t, t])
+
+
+def keyed_image_draws(adapter, seeds: list[int], mean: torch.Tensor, std: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latents [M], noise [M], timesteps [M]) of single images (unpaired batches): image ``i``'s
+    timestep, posterior sample and noise from ``Generator(seeds[i])``, in that order."""
+    samples, noises, ts = [], [], []
+    for i, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(int(seed))
+        ts.append(adapter.sample_timesteps(1, generator=g))
+        eps, noise = (torch.randn(mean[i].shape, generator=g).to(mean.device) for _ in range(2))
+        samples.append(mean[i] + std[i] * eps)
+        noises.append(noise)
+    latents = adapter.scale_latents(torch.stack(samples))
+    return latents, torch.stack(noises).to(latents.device), torch.cat(ts).to(latents.device)
 
 
 @torch.no_grad()
@@ -746,15 +780,25 @@ class CachedPairStream(torch.utils.data.IterableDataset):
         rows = self.index["rows"]
         cached_at = {r["source_row"]: i for i, r in enumerate(rows)}
         n = self.index.get("source_rows", len(rows))
+        keyed = bool(getattr(self.opts, "per_sample_draws", False))
         while True:
-            order = np.random.default_rng(self.seed + epoch).permutation(n)[shard::num_shards]
+            order = np.random.default_rng(self.seed + epoch).permutation(n)
+            if keyed:
+                # the usable pairs of the epoch, then dealt: a process gets every num_shards-th
+                # *cached* pair, so the processes' batches together are the one-process batches
+                order = dealt(np.asarray([s for s in order if int(s) in cached_at]), epoch, len(rows), shard, num_shards)
+            else:
+                order = order[shard::num_shards]
             if not any(int(s) in cached_at for s in order):
                 raise UserError(f"no cached pair in data shard {shard}/{num_shards} (the cache has {len(rows)} pairs)")
             for pos in range(start, len(order)):
                 i = cached_at.get(int(order[pos]))
                 if i is None:
                     continue
-                example = self._example(rows[i], rng, i)
+                seed = sample_seed(self.seed, epoch, int(order[pos])) if keyed else None
+                example = self._example(rows[i], rng if seed is None else random.Random(seed), i)
+                if seed is not None:
+                    example["sample_seed"] = seed
                 example["skipped"], first_skipped = first_skipped, {}  # rows dropped at cache time, reported once
                 self._state = {"epoch": epoch, "pos": pos + 1, "rng": list(rng.getstate()), "skipped": {}}
                 yield example
@@ -790,6 +834,7 @@ def collate_cached(examples: list[dict]) -> CachedPairBatch:
         cond={k: torch.stack([e["cond"][k] for e in examples]) for k in examples[0]["cond"]},
         captions=[e["caption"] for e in examples],
         skipped=dict(skipped),
+        sample_seed=sample_seeds(examples),
     )
 
 

@@ -13,6 +13,7 @@ previous one, so the trainer can log ``skipped_rows`` even with dataloader worke
 from __future__ import annotations
 
 import glob
+import hashlib
 import math
 import random
 from collections import Counter
@@ -163,6 +164,24 @@ class PairTransform:
         return self._one(img_w, rng, flip), self._one(img_l, rng, flip)
 
 
+def sample_seed(seed: int, epoch: int, row: int) -> int:
+    """The seed of every random draw of data row ``row`` in epoch ``epoch`` under
+    ``data_opts.per_sample_draws``: the stream's flip, crop and caption dropout, and the trainer's
+    posterior sample, timestep and noise. A hash, so nearby rows and epochs get unrelated streams."""
+    digest = hashlib.blake2b(f"diffalign-sample:{seed}:{epoch}:{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # < 2**63: a torch seed
+
+
+def dealt(order, epoch: int, epoch_len: int, shard: int, num_shards: int):
+    """Shard ``shard``'s part of one epoch's ``order`` when the concatenated epochs are dealt to
+    the shards round-robin (``data_opts.per_sample_draws``): global position ``p`` goes to shard
+    ``p % num_shards``, across epoch ends too, so the k-th batch of every process together holds
+    the pairs of the k-th batch of a one-process run with ``num_shards`` times the batch size.
+    (Without it every epoch starts again at shard 0: an epoch whose length does not divide by
+    the shard count shifts the later epochs.)"""
+    return order[(shard - epoch * epoch_len) % num_shards::num_shards]
+
+
 class PreferencePairStream(torch.utils.data.IterableDataset):
     """Endless, per-rank, per-worker stream of ``{pixels_w, pixels_l, caption, skipped}``.
 
@@ -171,6 +190,14 @@ class PreferencePairStream(torch.utils.data.IterableDataset):
     ``datasets.distributed.split_dataset_by_node`` (whole files per rank when they divide evenly:
     a rank does not download the others' rows), then every K-th row per worker. Endless iteration keeps DDP ranks in lock-step
     even when they skip different numbers of bad rows (the trainer loops on ``max_steps``).
+
+    ``data_opts.per_sample_draws``: a local dataset's rows are dealt round-robin over the
+    concatenated epochs (:func:`dealt`), and each example's random choices (flip, crop, caption
+    dropout) come from ``random.Random(sample_seed(seed, epoch, row))``, the example carrying that
+    seed for the trainer's draws. Rows are dealt before they are read, so rows this stream skips
+    (ties, bad images) are skipped per rank and shift that rank's later batches against a
+    one-process run: the latent cache drops them before dealing; a streamed (hub) dataset is split
+    by files per rank, so its order depends on the process count anyway.
     """
 
     def __init__(self, dataset, opts, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
@@ -189,8 +216,13 @@ class PreferencePairStream(torch.utils.data.IterableDataset):
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         return self.rank * workers + worker, self.world_size * workers
 
-    def _rows(self, epoch: int, shard: int, num_shards: int, start: int = 0) -> Iterator[tuple[int, dict]]:
-        """(position in this shard's epoch order, row), from position ``start``."""
+    @property
+    def per_sample_draws(self) -> bool:
+        return bool(getattr(self.opts, "per_sample_draws", False))
+
+    def _rows(self, epoch: int, shard: int, num_shards: int, start: int = 0) -> Iterator[tuple[int, dict, int]]:
+        """(position in this shard's epoch order, row, the row's index), from position ``start``.
+        The index is the row's place in the dataset (a streamed dataset: in this rank's part of it)."""
         import datasets
 
         limit = self.opts.max_samples
@@ -213,13 +245,14 @@ class PreferencePairStream(torch.utils.data.IterableDataset):
                     break
                 if i % num_shards == shard:
                     if pos >= start:
-                        yield pos, row
+                        yield pos, row, i
                     pos += 1
         else:
             n = len(self.dataset) if limit is None else min(limit, len(self.dataset))
-            order = np.random.default_rng(self.seed + epoch).permutation(n)[shard::num_shards]
+            order = np.random.default_rng(self.seed + epoch).permutation(n)
+            order = dealt(order, epoch, n, shard, num_shards) if self.per_sample_draws else order[shard::num_shards]
             for pos in range(start, len(order)):
-                yield pos, self.dataset[int(order[pos])]
+                yield pos, self.dataset[int(order[pos])], int(order[pos])
 
     # Resumable position (exact when the stream runs in the main process, num_workers=0).
     def state_dict(self) -> dict:
@@ -243,11 +276,14 @@ class PreferencePairStream(torch.utils.data.IterableDataset):
             self._resume = None
         while True:
             yielded = 0
-            for pos, row in self._rows(epoch, shard, num_shards, start):
-                example = self._example(row, rng, skipped)
+            for pos, row, index in self._rows(epoch, shard, num_shards, start):
+                keyed = sample_seed(self.seed, epoch, index) if self.per_sample_draws else None
+                example = self._example(row, rng if keyed is None else random.Random(keyed), skipped)
                 if example is None:
                     self._state = {"epoch": epoch, "pos": pos + 1, "rng": list(rng.getstate()), "skipped": dict(skipped)}
                     continue
+                if keyed is not None:
+                    example["sample_seed"] = keyed
                 example["skipped"] = dict(skipped)
                 skipped.clear()
                 yielded += 1
@@ -293,7 +329,15 @@ def collate_pairs(examples: list[dict]) -> PairBatch:
         pixels_l=torch.stack([e["pixels_l"] for e in examples]),
         captions=[e["caption"] for e in examples],
         skipped=dict(skipped),
+        sample_seed=sample_seeds(examples),
     )
+
+
+def sample_seeds(examples: list[dict]) -> torch.Tensor | None:
+    """The examples' ``sample_seed`` as an int64 tensor (``data_opts.per_sample_draws``), else None."""
+    if "sample_seed" not in examples[0]:
+        return None
+    return torch.tensor([e["sample_seed"] for e in examples], dtype=torch.int64)
 
 
 def pair_dataloader(source: str, opts, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
@@ -309,6 +353,6 @@ def pair_dataloader(source: str, opts, batch_size: int, seed: int, rank: int = 0
 
 
 __all__ = [
-    "PairTransform", "PreferencePairStream", "classify_row", "collate_pairs", "decode_image",
-    "load_preference_dataset", "pair_dataloader",
+    "PairTransform", "PreferencePairStream", "classify_row", "collate_pairs", "dealt", "decode_image",
+    "load_preference_dataset", "pair_dataloader", "sample_seed", "sample_seeds",
 ]

@@ -36,13 +36,13 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import DataOptions
+from ..config import DataOptions, option
 from ..errors import UserError
 from ..losses.methods import DataVariant
 from .batches import PairBatch, UnpairedBatch
 from .pickapic import (
     PreferencePairStream, classify_row, column_names, decode_image,
-    load_preference_dataset, load_raw_dataset, pair_dataloader,
+    load_preference_dataset, load_raw_dataset, pair_dataloader, sample_seeds,
 )
 from .schema import REQUIRED_COLUMNS
 
@@ -53,10 +53,20 @@ PERTURBATIONS = ("drop", "shuffle", "drop_shuffle")
 class VariantDataOptions(DataOptions):
     """``data_opts`` of the pair trainer: the Pick-a-Pic options plus the variants' columns."""
 
-    rejected_caption_column: str | None = None  # DCPO/TPO: caption of the rejected side (else caption_0/1, else perturbed)
-    caption_perturbation: str = "drop_shuffle"  # drop | shuffle | drop_shuffle (see perturb_caption)
-    image_column: str = "image"  # TPO / unpaired KTO rows: the image (falls back to jpg_0)
-    label_column: str = "label"  # unpaired KTO rows: 1 = desirable, 0 = undesirable
+    rejected_caption_column: str | None = option(None, help=(
+        "DCPO/TPO: caption of the rejected side (else caption_0/1, else perturbed)"
+    ))
+    caption_perturbation: str = option("drop_shuffle", help="drop | shuffle | drop_shuffle (see perturb_caption)")
+    image_column: str = option("image", help="TPO / unpaired KTO rows: the image (falls back to jpg_0)")
+    label_column: str = option("label", help="unpaired KTO rows: 1 = desirable, 0 = undesirable")
+    per_sample_draws: bool = option(False, help=(
+        "layout-independent draws: every random draw of a pair (flip, crop, caption dropout, VAE posterior "
+        "sample, timestep, noise) comes from a generator keyed by (seed, epoch, data row), and the data "
+        "order is dealt to the processes round-robin, so N processes x batch_size b, one process x "
+        "batch_size N*b and gradient_accumulation_steps N x b train the same steps (up to float summation "
+        "order; exact with num_workers=0 and a local dataset or the latent cache). false: one generator "
+        "per process, drawn in batch order (the numbers of runs made before this option)"
+    ))
 
 
 # ------------------------------------------------------------------------------ captions
@@ -245,6 +255,9 @@ def load_rows(source: str, opts, need_any_image: bool = True, extra: tuple[str, 
     return ds
 
 
+_IMAGE_SEED_STEP = 0x9E3779B97F4A7C15  # per_sample_draws: the j-th image of an unpaired row draws from seed + j * this
+
+
 def collate_variant(examples: list[dict]) -> PairBatch | UnpairedBatch:
     """Unpaired examples (``pixels`` + ``desirable``) -> :class:`UnpairedBatch`; pair examples ->
     :class:`PairBatch` with whatever the variant adds (``caption_l``, ``reward_w`` / ``reward_l``;
@@ -254,14 +267,20 @@ def collate_variant(examples: list[dict]) -> PairBatch | UnpairedBatch:
         skipped.update(e.get("skipped", {}))
     first = examples[0]
     if "pixels" in first:
+        seeds = None
+        if "sample_seed" in first:  # one seed per image: a row's second image gets a derived one
+            seeds = torch.tensor([(e["sample_seed"] + j * _IMAGE_SEED_STEP) % 2**63
+                                  for e in examples for j in range(len(e["captions"]))], dtype=torch.int64)
         return UnpairedBatch(
             pixels=torch.cat([e["pixels"] for e in examples]),
             captions=[c for e in examples for c in e["captions"]],
             desirable=torch.tensor([d for e in examples for d in e["desirable"]], dtype=torch.bool),
             skipped=dict(skipped),
+            sample_seed=seeds,
         )
     batch = PairBatch(pixels_w=torch.stack([e["pixels_w"] for e in examples]),
-                      captions=[e["caption"] for e in examples], skipped=dict(skipped))
+                      captions=[e["caption"] for e in examples], skipped=dict(skipped),
+                      sample_seed=sample_seeds(examples))
     if "pixels_l" in first:
         batch.pixels_l = torch.stack([e["pixels_l"] for e in examples])
     if "caption_l" in first:

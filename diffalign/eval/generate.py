@@ -18,13 +18,14 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from ..data.prompts import PROMPT_SUFFIXES, read_prompts
+from ..config import option
 from ..errors import UserError
 from .summary import summarize
 
@@ -108,25 +109,28 @@ def _load_named(name: str) -> list[str]:
 
 @dataclass
 class EvalConfig:
-    model: str
-    prompts: str
-    rewards: list[str]
-    out: str
-    lora: str | None = None
-    seeds: int = 2
-    base_seed: int = 0
-    steps: int = 20
-    guidance: float = 5.0
-    resolution: int | None = None
-    batch_size: int = 8
-    num_prompts: int | None = None
-    label: str | None = None
-    device: str = "cpu"
-    grid_prompts: int = 16
-    #: T5 tokens for SD3-family prompts (None: what the checkpoint records for a pipeline saved
-    #: without T5, e.g. the testbed's flow base, else the pipeline's default, 256)
-    max_sequence_length: int | None = None
-    extra: dict = field(default_factory=dict)
+    """What ``diffalign eval`` (and :func:`diffalign.evaluate`) generates and scores: fixed seeds per
+    prompt, so two evaluations of different weights see the same initial noise."""
+
+    model: str = option(help="diffusers pipeline dir or hub id of the base model")
+    prompts: str = option(help="prompt file (.txt one per line, or .json, .jsonl, .csv with a prompt column, e.g. an eval's per_image.csv)")
+    rewards: list[str] = option(help="rewards to score with, NAME or NAME=PATH (diffalign.rewards names)")
+    out: str = option(help="output directory (images/, per_image.csv, summary.json, grid.png)")
+    lora: str | None = option(None, help="training run dir to load: its LoRA weights or its full pipeline; null: the base model")
+    seeds: int = option(2, help="images per prompt, one seed each")
+    base_seed: int = option(0, help="the first seed; image k of a prompt uses base_seed + k")
+    steps: int = option(20, help="denoising steps")
+    guidance: float = option(5.0, help="classifier-free guidance scale")
+    resolution: int | None = option(None, help="image side in pixels; null: the model's default")
+    batch_size: int = option(8, help="images per pipeline call")
+    num_prompts: int | None = option(None, help="use only the first N prompts; null: all")
+    label: str | None = option(None, help="name of this evaluation in reports; null: the out dir's name")
+    device: str = option("cpu", help="torch device to generate on (cpu, cuda, cuda:1, ...)")
+    grid_prompts: int = option(16, help="prompts shown in the image grid")
+    max_sequence_length: int | None = option(None, help=(
+        "T5 tokens for SD3-family prompts; null: what the checkpoint records for a pipeline saved "
+        "without T5 (e.g. the testbed's flow base), else the pipeline's default, 256"))
+    extra: dict = option(factory=dict, help="free-form fields added to the config recorded in summary.json")
 
 
 def reward_column(spec: str, taken: set[str]) -> str:

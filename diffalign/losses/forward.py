@@ -150,7 +150,7 @@ def awm_policy_loss(
     samples: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """AWM's clipped policy objective over training rows (one row = one clean sample re-noised at
-    one timestep; ``log_prob`` from :func:`awm_log_prob`), in the release's two ``loss_type``\ s
+    one timestep; ``log_prob`` from :func:`awm_log_prob`), in the release's two ``loss_type`` values
     (Xue et al., 2025, arXiv:2509.25050; ``scxue/advantage_weighted_matching``,
     ``scripts/train_sd3_awm.py``)::
 

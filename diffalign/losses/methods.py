@@ -31,7 +31,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 
-from ..config import check
+from ..config import check, option
 from .offline import diffusion_copg_loss, diffusion_ipo_loss, diffusion_kto_loss
 from .preference import diffusion_dpo_loss, mapo_loss, sft_loss
 
@@ -68,7 +68,7 @@ class LossOptions:
 
 @dataclass
 class MaPOOptions(LossOptions):
-    snr_value: float = 0.5  # MaPO's s
+    snr_value: float = option(0.5, help="MaPO's s")
 
     def validate(self) -> None:
         super().validate()
@@ -77,8 +77,8 @@ class MaPOOptions(LossOptions):
 
 @dataclass
 class KTOOptions(LossOptions):
-    lambda_d: float = 1.0  # weight of desirable examples
-    lambda_u: float = 1.0  # weight of undesirable examples
+    lambda_d: float = option(1.0, help="weight of desirable examples")
+    lambda_u: float = option(1.0, help="weight of undesirable examples")
 
     def validate(self) -> None:
         super().validate()
@@ -88,7 +88,7 @@ class KTOOptions(LossOptions):
 
 @dataclass
 class IPOOptions(LossOptions):
-    tau: float = 1.0  # target log-ratio margin 1/(2 tau)
+    tau: float = option(1.0, help="target log-ratio margin 1/(2 tau)")
 
     def validate(self) -> None:
         super().validate()
@@ -97,7 +97,7 @@ class IPOOptions(LossOptions):
 
 @dataclass
 class TPOOptions(LossOptions):
-    base: str = "dpo"  # dpo | kto: the loss on the caption pairs
+    base: str = option("dpo", help="dpo | kto: the loss on the caption pairs")
 
     def validate(self) -> None:
         super().validate()
@@ -106,8 +106,8 @@ class TPOOptions(LossOptions):
 
 @dataclass
 class CoPGOptions(LossOptions):
-    reward_chosen: float = 1.0  # rewards when the batch carries none
-    reward_rejected: float = 0.0
+    reward_chosen: float = option(1.0, help="rewards when the batch carries none")
+    reward_rejected: float = option(0.0, help="CoPG: reward of the rejected image when the batch carries none")
 
 
 def _options_of(cls: type, options: Any) -> Any:

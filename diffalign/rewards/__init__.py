@@ -7,7 +7,10 @@
 
 Built-ins (weights load lazily on first call): ``clipscore``, ``clipscore_l14``, ``pickscore``,
 ``hpsv2`` (= ``hpsv2.1``), ``hpsv2.0``, ``imagereward``, ``aesthetic``, ``jpeg``
-(= ``jpeg_compressibility``), ``jpeg_incompressibility``, ``remote=URL``. Add more with
+(= ``jpeg_compressibility``), ``jpeg_incompressibility``, ``remote=URL``; task rewards ``ocr``
+(prompt's quoted text vs OCR) and ``vlm_judge=URL`` (a VLM's 1-5 rating over an OpenAI-compatible
+endpoint), ``geneval`` (GenEval's object/count/colour/position verdict, Mask2Former + CLIP, with GenEval
+metadata rows per image or ``metadata=PATH``). Add more with
 :func:`register_reward`. Importing this package imports neither transformers nor open_clip.
 """
 
@@ -27,7 +30,8 @@ from .registry import get_reward, list_rewards, parse_spec, register_reward
 _LAZY = {
     "CLIPScore": "clip", "PickScore": "clip", "LAIONAesthetic": "clip", "CLIPEmbedder": "clip",
     "HPSv2": "hps", "ImageReward": "imagereward", "JPEGReward": "jpeg",
-    "RemoteReward": "server", "RewardServer": "server",
+    "RemoteReward": "server", "RewardServer": "server", "OCRReward": "ocr", "VLMJudge": "vlm_judge",
+    "GenEvalReward": "geneval",
 }
 
 

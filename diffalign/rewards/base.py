@@ -33,6 +33,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ..files import decode_image, rgb_image
 
 ImageBatch = Union[torch.Tensor, list]  # [B,3,H,W] tensor, or a list of [3,H,W] when sizes differ
@@ -67,6 +68,27 @@ def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def resolve_callable(spec: Any, reward: str, what: str) -> Callable | None:
+    """An engine a reward plugs in (an OCR recogniser, a detector): a callable as it is, or
+    ``"module:attr"`` naming one (a class is instantiated with no arguments), so a config or a
+    command line can name it. ``None`` stays ``None`` (the reward's default engine)."""
+    if spec is None or callable(spec):
+        return spec
+    if isinstance(spec, str) and ":" in spec:
+        import importlib
+
+        module, _, attr = spec.partition(":")
+        try:
+            obj = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise UserError(f"reward '{reward}': cannot import {what} '{spec}': {e}") from None
+        obj = obj() if isinstance(obj, type) else obj
+        if callable(obj):
+            return obj
+        raise UserError(f"reward '{reward}': {what} '{spec}' is not callable")
+    raise UserError(f"reward '{reward}': {what} must be a callable or 'module:attr', not {spec!r}")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -19,7 +19,7 @@ from .preprocess import ResizeCropNormalize
 from .weights import check_and_load, load_pretrained, load_state_dict_file, resolve_file
 
 
-def _features(out) -> torch.Tensor:
+def projected_features(out) -> torch.Tensor:
     """``get_image_features``/``get_text_features`` return a tensor in transformers 4.x and
     may return a model-output object (projected ``pooler_output``) in 5.x."""
     if isinstance(out, torch.Tensor):
@@ -86,11 +86,11 @@ class CLIPEmbedder:
         return self.preprocess(images, device=self.device, dtype=self.dtype)
 
     def image_embeds(self, images, normalize: bool = True) -> torch.Tensor:
-        emb = _features(self.model.get_image_features(pixel_values=self.pixel_values(images))).float()
+        emb = projected_features(self.model.get_image_features(pixel_values=self.pixel_values(images))).float()
         return emb / emb.norm(dim=-1, keepdim=True) if normalize else emb
 
     def text_embeds(self, prompts: list[str], normalize: bool = True) -> torch.Tensor:
-        emb = _features(self.model.get_text_features(**self.tokenize(prompts))).float()
+        emb = projected_features(self.model.get_text_features(**self.tokenize(prompts))).float()
         return emb / emb.norm(dim=-1, keepdim=True) if normalize else emb
 
     @property

@@ -183,6 +183,14 @@ def score_pairs(rewards: dict[str, Reward], path: str | os.PathLike, batch_rows:
     )
 
 
+def describe_accuracy(m: dict) -> str:
+    """Both accuracies of :func:`pairwise_accuracy`'s ``m`` with what each one counts
+    ("0.750 (strict 1.000)" left that to guess)."""
+    untied = m["pairs"] - m["human_ties"]
+    return (f"accuracy {m['accuracy']:.3f} over all {m['pairs']} pairs (a human tie counts 0.5), "
+            f"{m['accuracy_strict']:.3f} over the {untied} pairs without a human tie")
+
+
 def describe_bad(bad: list[tuple[int, str]], limit: int = 5) -> str:
     if not bad:
         return "skipped 0 rows"

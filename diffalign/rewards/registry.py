@@ -195,6 +195,34 @@ def _remote(path: str | None = None, **kw) -> Reward:
     return RemoteReward(path, **kw)
 
 
+def _ocr(path: str | None = None, **kw) -> Reward:
+    """OCR (Flow-GRPO's task): 1 - normalised edit distance of the prompt's quoted text to the recognised text."""
+    from .ocr import OCRReward
+
+    return OCRReward(path, **kw)
+
+
+def _vlm_judge(path: str | None = None, **kw) -> Reward:
+    """VLM judge (UnifiedReward pointwise 1-5, / 5) over an OpenAI-compatible endpoint: vlm_judge=http://host:port/v1."""
+    if not path:
+        raise UserError("reward 'vlm_judge' needs an OpenAI-compatible endpoint: vlm_judge=http://127.0.0.1:8000/v1 "
+                        "(e.g. `vllm serve CodeGoat24/UnifiedReward-qwen-7b --port 8000`)")
+    if not path.startswith(("http://", "https://")):
+        raise UserError(f"reward 'vlm_judge': '{path}' is not an http(s) URL; local inference through transformers "
+                        "is not implemented yet: serve the model with vLLM or SGLang (`vllm serve DIR --port 8000`) "
+                        "and pass vlm_judge=http://127.0.0.1:8000/v1")
+    from .vlm_judge import VLMJudge
+
+    return VLMJudge(path, **kw)
+
+
+def _geneval(path: str | None = None, **kw) -> Reward:
+    """GenEval (Ghosh et al. 2023): Mask2Former detections + CLIP colours judged against the prompt's metadata row."""
+    from .geneval import GenEvalReward
+
+    return GenEvalReward(path, **kw)
+
+
 #: other spellings of a registered reward -> its canonical name (the reward's ``name``, and the
 #: column name in both ``score`` and ``eval`` CSVs)
 ALIASES = {"jpeg_compressibility": "jpeg", "clip": "clipscore", "hpsv2.1": "hpsv2"}
@@ -219,5 +247,8 @@ for _name, _factory in {
     "jpeg_compressibility": _jpeg_compressibility,
     "jpeg_incompressibility": _jpeg_incompressibility,
     "remote": _remote,
+    "ocr": _ocr,
+    "vlm_judge": _vlm_judge,
+    "geneval": _geneval,
 }.items():
     register_reward(_name, _factory)

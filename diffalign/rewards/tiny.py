@@ -14,7 +14,9 @@ takes well under a few seconds and a few MB. Use the result as ``--reward KIND=D
 | aesthetic   | ``clip/`` (CLIP dir) + ``aesthetic_head.safetensors`` (``layers.{0,2,4,6,7}``) |
 | imagereward | ``ImageReward.pt`` (BLIP + MLP state dict), ``med_config.json``, ``tokenizer/``, ``imagereward_config.json`` |
 
-Also :func:`write_toy_pairs`: a Pick-a-Pic-schema parquet of learnable toy preferences.
+Also :func:`build_mask2former`: a tiny Mask2Former (transformers layout) for ``geneval=DIR``; :func:`build_ocr`: a tiny TrOCR ``VisionEncoderDecoderModel`` + processor for ``ocr=DIR`` (not in
+``BUILDERS``, whose rewards score plain prompts); and :func:`write_toy_pairs`: a Pick-a-Pic-schema
+parquet of learnable toy preferences.
 """
 
 from __future__ import annotations
@@ -164,6 +166,83 @@ def build_imagereward(out: str | os.PathLike, seed: int = 0) -> Path:
     sd["blip.text_proj.bias"] = torch.zeros(16)
     sd["blip.text_encoder.embeddings.position_ids"] = torch.arange(64).unsqueeze(0)
     torch.save({k: v.contiguous() for k, v in sd.items()}, out / "ImageReward.pt")
+    return out
+
+
+def build_ocr(out: str | os.PathLike, seed: int = 0) -> Path:
+    """Tiny TrOCR for ``ocr=DIR``: a transformers ``VisionEncoderDecoderModel`` (ViT 32 px, patch 8,
+    width 32, 2 layers -> TrOCR decoder width 32, 2 layers), a ViT image processor and a byte-level
+    ``RobertaTokenizer`` over letters, digits and space, saved with ``save_pretrained`` in the layout
+    of ``microsoft/trocr-*``. The output projection is scaled up and the special
+    tokens' rows zeroed, so greedy decoding spells out image-dependent strings instead of stopping
+    at once. Not in :data:`BUILDERS`: the OCR reward needs prompts with a quoted text."""
+    from transformers import (
+        GenerationConfig,
+        RobertaTokenizer,
+        TrOCRConfig,
+        TrOCRForCausalLM,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+        VisionEncoderDecoderModel,
+    )
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]  # RoBERTa's ids 0..3, as TrOCR's tokenizers
+    chars = list(string.ascii_lowercase + string.ascii_uppercase + string.digits) + ["\u0120"]  # "Ġ": a space
+    vocab = {t: i for i, t in enumerate(specials + chars + ["<mask>"])}
+    tokenizer = RobertaTokenizer(vocab=vocab, merges=[])
+    image_processor = ViTImageProcessor(size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
+                                        image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    encoder = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        image_size=TINY_IMAGE_SIZE, patch_size=8)
+    decoder = TrOCRConfig(vocab_size=len(vocab), d_model=32, decoder_layers=2, decoder_attention_heads=4,
+                          decoder_ffn_dim=64, max_position_embeddings=64, cross_attention_hidden_size=32,
+                          pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, init_std=0.2)
+    torch.manual_seed(seed + 6)
+    model = VisionEncoderDecoderModel(encoder=ViTModel(encoder), decoder=TrOCRForCausalLM(decoder))
+    with torch.no_grad():
+        w = model.decoder.output_projection.weight
+        w.mul_(10.0)
+        w[[vocab[t] for t in specials + ["<mask>"]]] = 0.0
+    # TrOCR checkpoints start decoding from </s> (id 2) and pad with id 1
+    model.config.decoder_start_token_id, model.config.pad_token_id, model.config.eos_token_id = 2, 1, 2
+    model.generation_config = GenerationConfig(decoder_start_token_id=2, pad_token_id=1, eos_token_id=2, bos_token_id=0)
+    model.save_pretrained(str(out), safe_serialization=True)
+    # the hub TrOCR layout (preprocessor_config.json + tokenizer files), not transformers 5's
+    # combined processor_config.json (which the loader reads too)
+    image_processor.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def build_mask2former(out: str | os.PathLike, seed: int = 0, confident: dict[int, float] | None = None) -> Path:
+    """Tiny Mask2Former for ``geneval=DIR``: ``Mask2FormerForUniversalSegmentation`` over a tiny Swin
+    (embed 16, one block per stage, window 4), 80 COCO labels, 10 queries, hidden 32, random init, with
+    its ``Mask2FormerImageProcessor`` (shortest edge 64), saved with ``save_pretrained`` in the layout of
+    ``facebook/mask2former-swin-small-coco-instance``. ``confident`` (label -> bias, default person 6.0,
+    cat 5.0) raises those labels' class-head biases so the random model reports some detections above
+    GenEval's 0.3. Not in :data:`BUILDERS`: GenEval needs metadata rows, not plain prompts."""
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, SwinConfig
+
+    from .geneval.detector import require_scipy
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
+                          window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
+    cfg = Mask2FormerConfig(backbone_config=backbone, num_labels=80, hidden_dim=32, encoder_feedforward_dim=64,
+                            dim_feedforward=64, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
+                            num_queries=10, mask_feature_size=32, feature_size=32, common_stride=4)
+    torch.manual_seed(seed + 7)
+    require_scipy()
+    model = Mask2FormerForUniversalSegmentation(cfg).eval()
+    with torch.no_grad():
+        for label, bias in (confident if confident is not None else {0: 6.0, 15: 5.0}).items():
+            model.class_predictor.bias[label] = bias
+    model.save_pretrained(str(out), safe_serialization=True)
+    Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 128}, size_divisor=32).save_pretrained(str(out))
     return out
 
 

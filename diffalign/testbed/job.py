@@ -201,7 +201,7 @@ def train_reward_model(pairs_dir: str, out_dir: str, seed: int, settings: dict) 
     is on unseen prompts. Writes ``out_dir/model`` (loads as ``pickscore=DIR``) and
     ``out_dir/reward_model.json`` (accuracy, pair counts)."""
     from ..rewards.tiny import build_pickscore
-    from ..rewards.train import RewardTrainConfig, train_reward
+    from ..trainers.reward_model import RewardTrainConfig, train_reward
 
     out = Path(out_dir)
     done = out / "reward_model.json"

@@ -1,4 +1,5 @@
-"""Trainers: one loop per *kind* of method (offline pairs, online GRPO, online forward-process), shared by all models.
+"""Trainers: one loop per *kind* of method (offline pairs; online, with a trajectory or a forward-process
+strategy), shared by all models.
 
 Importing this package registers each trainer's config dataclass with
 :func:`diffalign.config.register_config` (so ``load_config`` picks it by ``method``);
@@ -9,16 +10,15 @@ from __future__ import annotations
 
 from ..config import CONFIG_CLASSES, register_config  # noqa: F401  (CONFIG_CLASSES: re-exported)
 from ..losses.methods import OFFLINE_METHODS
-from .forward import train_forward
 from .forward_config import FORWARD_METHODS, ForwardRLConfig
-from .grpo import train_grpo
 from .grpo_config import GRPOConfig
+from .online import train_online
 from .pair import PairTrainConfig, train_pairs
 
 register_config(PairTrainConfig, *OFFLINE_METHODS)
 register_config(GRPOConfig, "grpo")
 register_config(ForwardRLConfig, *FORWARD_METHODS)
-TRAINERS = {**{m: train_pairs for m in OFFLINE_METHODS}, "grpo": train_grpo, **{m: train_forward for m in FORWARD_METHODS}}
+TRAINERS = {**{m: train_pairs for m in OFFLINE_METHODS}, **{m: train_online for m in ("grpo", *FORWARD_METHODS)}}
 
 
 def train(cfg) -> dict:

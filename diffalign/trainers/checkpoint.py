@@ -12,6 +12,14 @@ Layout of ``output_dir/checkpoints/step-000120/``::
                               config (keys in ``rundir.MAY_DIFFER`` excepted)
     COMPLETE                  written last; a directory without it is partial
 
+Under FSDP (the denoiser's parameters are DTensors, each rank holding a slice) the checkpoint has
+the same files, holding whole tensors: every rank takes part in gathering them to rank 0, which
+writes them (parameters and EMA by name; the optimizer state as torch.distributed.checkpoint's
+full, name-keyed state dict); ``trainer.json`` says ``"sharded": true``. At resume every rank
+reads them and keeps its slices, so the run continues bit-exactly; a sharded checkpoint resumes
+only under FSDP, and an unsharded one only without it. (accelerate's ``fsdp_state_dict_type``
+applies to ``accelerator.save_state``, which diffalign does not use.)
+
 A checkpoint is built in ``.tmp-step-N`` and renamed into place, so a kill during the write
 leaves the previous checkpoints intact. ``resume=latest`` walks back from the newest checkpoint
 to the newest one that loads, warning about each one skipped; when none loads it says so and
@@ -32,6 +40,7 @@ import torch
 from ..config import save_config
 from ..errors import UserError
 from ..logging import warn
+from .common import full_tensor, is_sharded, shard_like
 from .rundir import interrupt_requested, interrupted_error, start_run, step_done, world_readable
 
 COMPLETE = "COMPLETE"
@@ -109,14 +118,23 @@ def save_checkpoint(
     meta, tensors = rng_state(generator)
     (tmp / f"rank-{rank:05d}.json").write_text(json.dumps({"rng": meta, "data": data_state}))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"rank-{rank:05d}.safetensors"))
+    sharded = is_sharded(module)
+    if sharded:  # FSDP: gather the whole tensors (collectives: every rank takes part); rank 0 writes them
+        params = {n: full_tensor(p.detach()).cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+        if ema_state is not None:
+            ema_state = {k: full_tensor(v).cpu().contiguous() for k, v in ema_state.items()}
+        optimizer_state = _full_optimizer_state(module, optimizer)
     if accelerator.is_main_process:
-        params = {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+        if not sharded:
+            params = {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+            optimizer_state = optimizer.state_dict()
         save_file(params, str(tmp / "trainable.safetensors"))
         if ema_state is not None:
             save_file(ema_state, str(tmp / "ema.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, "num_processes": accelerator.num_processes, **trainer_state}))
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, "num_processes": accelerator.num_processes,
+                                                      **({"sharded": True} if sharded else {}), **trainer_state}))
         if config is not None:
             save_config(config, tmp / "config.yaml")
     accelerator.wait_for_everyone()
@@ -129,6 +147,15 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final if accelerator.is_main_process else None
+
+
+def _full_optimizer_state(module: torch.nn.Module, optimizer) -> dict:
+    """A sharded (FSDP) run's optimizer state, whole, keyed by parameter name, on rank 0's CPU
+    (``{}`` elsewhere): torch.distributed.checkpoint's full state dict. Every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, getattr(optimizer, "optimizer", optimizer),
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 # ---------------------------------------------------------------------------------- load
@@ -144,8 +171,11 @@ def _load_checked(path: Path, num_processes: int) -> dict[str, Any]:
     out = {
         "trainer": trainer,
         "params": load_file(str(path / "trainable.safetensors")),
-        # weights_only: a pickle smuggled into a checkpoint raises here instead of running
-        "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
+        # weights_only: a pickle smuggled into a checkpoint raises here instead of running. A sharded
+        # (FSDP) run's state is whole and every process reads it: memory-mapped, the processes of a
+        # machine share one copy in the page cache, and each keeps only its slices.
+        "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True,
+                                mmap=bool(trainer.get("sharded"))),
         "scheduler": torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True),
         "ranks": [],
     }
@@ -228,10 +258,22 @@ def restore(state: dict, accelerator, module: torch.nn.Module, optimizer, schedu
     absent = [n for n, p in named.items() if p.requires_grad and n not in state["params"]]
     if absent:
         raise CheckpointError(f"trainable parameters missing from the checkpoint (different lora.target_modules?): {absent[:3]}")
+    sharded = is_sharded(module)
+    if bool(state["trainer"].get("sharded")) != sharded:
+        raise CheckpointError(
+            "the checkpoint was written by a " + ("sharded (FSDP) run, this run is not" if not sharded else
+                                                   "run without FSDP, this run shards the model (FSDP)")
+            + ": resume it with the accelerate config that wrote it")
     with torch.no_grad():
         for n, t in state["params"].items():
-            named[n].copy_(t.to(named[n].device, named[n].dtype))
-    optimizer.load_state_dict(state["optimizer"])
+            named[n].copy_(shard_like(t, named[n]))  # a plain copy unless FSDP shards the parameter
+    if sharded:  # the whole, name-keyed state (every rank holds it): each rank keeps its slices
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(module, getattr(optimizer, "optimizer", optimizer), state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     meta, tensors = state["ranks"][accelerator.process_index]
     set_rng_state(meta["rng"], tensors, generator)
@@ -283,7 +325,8 @@ class Checkpointer:
         if self.ema is not None:
             if "ema" not in state:
                 raise CheckpointError(f"{path} has no ema.safetensors: it was written without ema.enabled")
-            self.ema.load_state_dict(state["ema"])
+            self.ema.load_state_dict({k: shard_like(v, self.ema.shadow[k]) if k in self.ema.shadow else v
+                                      for k, v in state["ema"].items()})
         trainer = state["trainer"]
         if self.stream is not None and data_state and data_state.get("stream") is not None:
             self.stream.load_state_dict(data_state["stream"])

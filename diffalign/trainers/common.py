@@ -1,6 +1,6 @@
 """Plumbing every trainer shares: accelerate, the trainable model, optimiser, logging, outputs.
 
-The trainers (``pair.py``, ``grpo.py``) stay short, linear loops over these pieces.
+The trainers (``pair.py``, ``online.py``) stay short, linear loops over these pieces.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..files import fix_safetensors_modes
-from ..logging import info
+from ..logging import FP32_MODULES_NOTICE, info, library_call, warn
 from ..models import DiffusionAdapter, load_adapter
 from .rundir import check_output_path, prepare_output_dir
 
@@ -42,6 +42,7 @@ def setup_accelerator(cfg):
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, "logs")),
     )
+    sharding_not_honoured_warning(accelerator)
     # Same seed on every rank: model init (e.g. LoRA A matrices) must agree across ranks.
     set_seed(cfg.seed)
     if torch.cuda.is_available() and cfg.allow_tf32:
@@ -55,6 +56,22 @@ def setup_accelerator(cfg):
     return accelerator
 
 
+def sharding_not_honoured_warning(accelerator) -> str | None:
+    """Say so (on the main process) when ``accelerate launch`` was given an FSDP or DeepSpeed
+    config that accelerate did not apply: accelerate 1.16 takes them only on GPUs and other
+    accelerators, and on CPU (``use_cpu: true``, or no GPU) it runs plain data parallelism
+    (MULTI_CPU), every process holding the whole model and optimizer. Returns the warning, or None."""
+    kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
+    for env, wanted in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        if os.environ.get(env, "false").lower() == "true" and kind != wanted:
+            message = (f"the accelerate config asks for {wanted}, but accelerate runs {kind}: it shards only on "
+                       "GPUs (and other accelerators); every process holds the whole model")
+            if accelerator.is_main_process:
+                warn(message)
+            return message
+    return None
+
+
 def run_plan_line(cfg, accelerator) -> str:
     """The defaults that cost time, said before any model loads: steps, resolution (and which key
     sets it), device, processes, precision and torch threads."""
@@ -66,8 +83,13 @@ def run_plan_line(cfg, accelerator) -> str:
             f"{torch.get_num_threads()} torch thread(s) -> {cfg.output_dir}")
 
 
+def precision_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype of a ``mixed_precision`` name: ``fp16``, ``bf16``, else (``no``) float32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
 def weight_dtype_for(accelerator) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    return precision_dtype(accelerator.mixed_precision)
 
 
 def rank_generator(seed: int, accelerator, device=None) -> torch.Generator:
@@ -104,7 +126,9 @@ def build_trainable(cfg, accelerator, encoders: bool = True) -> tuple[DiffusionA
     else:
         net.requires_grad_(True)
         if getattr(cfg, "needs_reference", True):
-            reference = copy.deepcopy(net).requires_grad_(False).eval().to(dtype=dtype)
+            reference = copy.deepcopy(net).requires_grad_(False).eval()
+            with library_call(FP32_MODULES_NOTICE):  # diffusers warns on any .to(dtype=...), even a no-op
+                reference.to(dtype=dtype)
     if cfg.model_opts.channels_last and not adapter.is_flow:
         net.to(memory_format=torch.channels_last)
     if cfg.model_opts.compile:
@@ -113,6 +137,12 @@ def build_trainable(cfg, accelerator, encoders: bool = True) -> tuple[DiffusionA
     net.train()
     params = [p for p in net.parameters() if p.requires_grad]
     return adapter, params, reference
+
+
+def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters of ``module`` that train, in module order. After ``accelerator.prepare``
+    under FSDP these are the sharded ones (DTensors), not those :func:`build_trainable` returned."""
+    return [p for p in module.parameters() if p.requires_grad]
 
 
 def make_optimizer(cfg, params, accelerator):
@@ -228,18 +258,116 @@ class Timer:
 
 # ------------------------------------------------------------------------------------ outputs
 def params_fingerprint(module: torch.nn.Module, trainable_only: bool = True) -> str:
-    """SHA-256 over the (trainable) parameters' bytes: equal across ranks iff weights are equal."""
+    """SHA-256 over the (trainable) parameters' bytes: equal across ranks iff weights are equal.
+    Sharded (FSDP) parameters are all-gathered first (so every rank must call it)."""
     h = hashlib.sha256()
     for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
         if trainable_only and not p.requires_grad:
             continue
         h.update(name.encode())
-        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        h.update(full_tensor(p.detach()).float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
+# ------------------------------------------------------------------------------------ sharding (FSDP)
+# accelerate's FSDP2 (``accelerate/fsdp.yaml``) shards the prepared denoiser in place: its class
+# becomes ``FSDP<Class>`` and every parameter a DTensor holding this rank's slice. The trainers'
+# state (trainable parameters, EMA, checkpoints, the saved model) goes through these helpers, which
+# are the identity on unsharded modules.
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without distributed
+        return None
+    return DTensor
+
+
+def is_sharded_tensor(t) -> bool:
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether any parameter of ``module`` is sharded (a DTensor: FSDP2)."""
+    return any(is_sharded_tensor(p) for p in module.parameters())
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor all-gathered (a collective: every rank calls it, in the same
+    order), anything else as it is."""
+    return t.full_tensor() if is_sharded_tensor(t) else t
+
+
+def shard_like(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``full`` (the whole tensor, the same on every rank) laid out as ``target``: this rank's
+    slice as a DTensor when ``target`` is one (no communication), else ``full`` on its device."""
+    full = full.to(target.device, target.dtype)
+    if not is_sharded_tensor(target):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
+
+
+def sharding_summary(accelerator, module: torch.nn.Module) -> dict:
+    """What ``accelerator.prepare`` made of the denoiser: the distributed type, and under FSDP the
+    sharded parameter count and the FSDP units by class (the modules ``fully_shard`` wrapped:
+    accelerate's TRANSFORMER_BASED_WRAP takes the classes in the model's ``_no_split_modules``)."""
+    out: dict[str, Any] = {"distributed_type": str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))}
+    params = list(module.parameters())
+    n_sharded = sum(is_sharded_tensor(p) for p in params)
+    if n_sharded:
+        from torch.distributed.fsdp import FSDPModule
+
+        units: dict[str, int] = {}
+        for name, m in module.named_modules():
+            if isinstance(m, FSDPModule):
+                cls = "(root) " + _plain_class(m).__name__ if name == "" else _plain_class(m).__name__
+                units[cls] = units.get(cls, 0) + 1
+        out.update({"sharded_parameters": n_sharded, "parameters": len(params), "fsdp_units": units})
+    return out
+
+
+def sharding_line(summary: dict, num_processes: int) -> str | None:
+    """One console line for a sharded run (None when nothing is sharded)."""
+    if not summary.get("sharded_parameters"):
+        return None
+    units = ", ".join(f"{k} x{v}" for k, v in summary["fsdp_units"].items())
+    return (f"{summary['distributed_type']}: {summary['sharded_parameters']} of {summary['parameters']} denoiser "
+            f"parameters sharded over {num_processes} processes; FSDP units: {units}")
+
+
+def _plain_class(module: torch.nn.Module) -> type:
+    """The module's own class (``fully_shard`` swaps in a subclass ``FSDP<Class>``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+
+
+def gathered_copy(accelerator, module: torch.nn.Module) -> torch.nn.Module | None:
+    """``module`` with its whole weights, for saving: an unsharded module as it is; a sharded one
+    (every rank calls this: it gathers) becomes, on the main process, a plain copy of its class
+    built on the meta device and given the full state dict gathered to that process's CPU (LoRA
+    adapters re-added from its ``peft_config``); None on the other processes."""
+    if not is_sharded(module):
+        return module
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not accelerator.is_main_process:
+        return None
+    with torch.device("meta"):
+        plain = _plain_class(module).from_config(module.config)
+        for name, config in (getattr(module, "peft_config", None) or {}).items():
+            plain.add_adapter(copy.deepcopy(config), adapter_name=name)
+    plain.load_state_dict(state, strict=True, assign=True)
+    return plain
+
+
 def save_final(cfg, accelerator, adapter: DiffusionAdapter, net, final_metrics: dict, method_name: str) -> dict:
-    """Save weights diffusers loads unchanged, a model card, and a per-rank weight check."""
+    """Save weights diffusers loads unchanged, a model card, and a per-rank weight check.
+    ``final_state.json`` also says how the denoiser was distributed (:func:`sharding_summary`);
+    under FSDP the fingerprints are of the all-gathered weights and the saved ones are gathered."""
     unwrapped = accelerator.unwrap_model(net)
     fingerprint = params_fingerprint(unwrapped)
     if accelerator.num_processes > 1:
@@ -248,15 +376,16 @@ def save_final(cfg, accelerator, adapter: DiffusionAdapter, net, final_metrics: 
     else:
         fingerprints = [fingerprint]
     info = {"ranks": accelerator.num_processes, "param_fingerprints": fingerprints,
-            "ranks_identical": len(set(fingerprints)) == 1}
+            "ranks_identical": len(set(fingerprints)) == 1, **sharding_summary(accelerator, unwrapped)}
+    whole = gathered_copy(accelerator, unwrapped)  # the module itself unless sharded
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out = Path(cfg.output_dir)
         if cfg.lora.rank > 0:
-            adapter.save_lora(str(out), unwrapped)
+            adapter.save_lora(str(out), whole)
             weights = "pytorch_lora_weights.safetensors"
         else:
-            adapter.denoiser = unwrapped
+            adapter.denoiser = whole
             adapter.save_full(str(out))
             weights = "a diffusers pipeline directory"
         (out / "final_state.json").write_text(json.dumps(info, indent=2))

@@ -12,9 +12,9 @@ not used. Two blocks are added:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
-from ..config import check
+from ..config import check, option
 from ..losses.forward import AWM_LOSS_TYPES, AWM_WEIGHTINGS, KL_EMA_DECAY_TYPES
 from .grpo_config import GRPOConfig
 
@@ -27,31 +27,36 @@ FRACTION_MODES = ("count", "range")
 class ForwardOptions:
     """Where on the sampling table the clean samples are re-noised for training."""
 
-    # noise levels trained per sample and update (each one forward of the batch). null: from
-    # timestep_fraction (fraction_mode count: int(num_steps * fraction); range: every allowed step;
-    # AWM trains 6)
-    train_timesteps: int | None = None
-    # the share of the sampling table trained (see fraction_mode)
-    timestep_fraction: float = 1.0
-    # what timestep_fraction limits with timestep_draw per_sample:
-    # count = how many steps each sample trains, int(num_steps * fraction) distinct steps drawn from
-    #   the whole table, less step 0 with skip_first_step (NVlabs/DiffusionNFT scripts/train_nft_sd3.py:
-    #   each sample shuffles all N table steps and trains the first int(N * timestep_fraction), so at
-    #   10 steps and 0.99 every step, the last included, is trained by 9 of 10 samples)
-    # range = which steps: only the first int(num_steps * fraction) table steps can be drawn
-    # stratified draws always cover the range (AWM's "discrete" time types)
-    fraction_mode: str = "count"
-    # never train at the first (pure-noise) table step (AWM's "discrete_wo_init")
-    skip_first_step: bool = False
-    # per_sample: each sample its own random distinct steps (DiffusionNFT: a per-sample shuffle of
-    # the table) | stratified: one step per stratum of the allowed range, shared by the batch
-    # (AWM's "discrete" time types)
-    timestep_draw: str = "per_sample"
-    # stochastic rollouts (sampler.step / noise_level, e.g. Flow-SDE) instead of the ODE: any sampler
-    # works for these methods; with noise a group may share its initial noise (sampler.shared_noise)
-    sde_rollouts: bool = False
-    # weight of mean((v - v_ref)^2) to the reference (LoRA disabled); both releases call it train.beta
-    kl_beta: float = 1.0e-4
+    train_timesteps: int | None = option(None, help=(
+        "noise levels trained per sample and update (each one forward of the batch). null: from "
+        "timestep_fraction (fraction_mode count: int(num_steps * fraction); range: every allowed step; "
+        "AWM trains 6)"
+    ))
+    timestep_fraction: float = option(1.0, help="the share of the sampling table trained (see fraction_mode)")
+    fraction_mode: str = option("count", help=(
+        "what timestep_fraction limits with timestep_draw per_sample: count = how many steps each sample "
+        "trains, int(num_steps * fraction) distinct steps drawn from the whole table, less step 0 with "
+        "skip_first_step (NVlabs/DiffusionNFT scripts/train_nft_sd3.py: each sample shuffles all N table "
+        "steps and trains the first int(N * timestep_fraction), so at 10 steps and 0.99 every step, the "
+        "last included, is trained by 9 of 10 samples) range = which steps: only the first int(num_steps "
+        '* fraction) table steps can be drawn stratified draws always cover the range (AWM\'s "discrete" '
+        "time types)"
+    ))
+    skip_first_step: bool = option(False, help=(
+        'never train at the first (pure-noise) table step (AWM\'s "discrete_wo_init")'
+    ))
+    timestep_draw: str = option("per_sample", help=(
+        "per_sample: each sample its own random distinct steps (DiffusionNFT: a per-sample shuffle of the "
+        "table) | stratified: one step per stratum of the allowed range, shared by the batch (AWM's "
+        '"discrete" time types)'
+    ))
+    sde_rollouts: bool = option(False, help=(
+        "stochastic rollouts (sampler.step / noise_level, e.g. Flow-SDE) instead of the ODE: any sampler "
+        "works for these methods; with noise a group may share its initial noise (sampler.shared_noise)"
+    ))
+    kl_beta: float = option(1.0e-4, help=(
+        "weight of mean((v - v_ref)^2) to the reference (LoRA disabled); both releases call it train.beta"
+    ))
 
 
 def train_step_pool(num_steps: int, f: ForwardOptions) -> tuple[int, int, int]:
@@ -70,19 +75,25 @@ def train_step_pool(num_steps: int, f: ForwardOptions) -> tuple[int, int, int]:
 class NFTOptions:
     """DiffusionNFT (Zheng et al., 2025), defaults from its SD3.5 GenEval config."""
 
-    # the implicit-policy mixing strength beta (config.beta: 1.0; 0.1 for OCR / multi-reward)
-    beta: float = 1.0
-    # advantages are clipped to +-adv_clip_max before r = A / adv_clip_max / 2 + 1/2 (release: 5)
-    adv_clip_max: float = 5.0
-    # the batch loss is multiplied by this (release: policy_loss_scale = adv_clip_max); null: adv_clip_max
-    loss_scale: float | None = None
-    # the release's per-sample adaptive weights 1 / stopgrad(mean |x0_hat - x0|)
-    adaptive_weight: bool = True
-    # old (sampling) policy decay d = min((step - delay) * rate, cap) after every step
-    # (decay_type 1: rate 0.001, cap 0.5, delay 0; decay_type 2: 0.0075, 0.999, 75)
-    old_decay_rate: float = 0.001
-    old_decay_cap: float = 0.5
-    old_decay_delay: int = 0
+    beta: float = option(1.0, help=(
+        "the implicit-policy mixing strength beta (config.beta: 1.0; 0.1 for OCR / multi-reward)"
+    ))
+    adv_clip_max: float = option(5.0, help=(
+        "advantages are clipped to +-adv_clip_max before r = A / adv_clip_max / 2 + 1/2 (release: 5)"
+    ))
+    loss_scale: float | None = option(None, help=(
+        "the batch loss is multiplied by this (release: policy_loss_scale = adv_clip_max); null: "
+        "adv_clip_max"
+    ))
+    adaptive_weight: bool = option(True, help=(
+        "the release's per-sample adaptive weights 1 / stopgrad(mean |x0_hat - x0|)"
+    ))
+    old_decay_rate: float = option(0.001, help=(
+        "old (sampling) policy decay d = min((step - delay) * rate, cap) after every step (decay_type 1: "
+        "rate 0.001, cap 0.5, delay 0; decay_type 2: 0.0075, 0.999, 75)"
+    ))
+    old_decay_cap: float = option(0.5, help="the cap of that decay d (decay_type 1: 0.5)")
+    old_decay_delay: int = option(0, help="steps before that decay starts (decay_type 1: 0)")
 
 
 @dataclass
@@ -90,40 +101,44 @@ class AWMOptions:
     """Advantage Weighted Matching (Xue et al., 2025), defaults from its SD3.5 GenEval config
     (``scxue/advantage_weighted_matching``, ``config/dgx_awm.py``) except ``ema_beta``."""
 
-    # per-sample weighting of the flow-matching error: uniform | t | t2 | huber | ghuber
-    weighting: str = "ghuber"
-    # the power p of the ghuber weighting
-    ghuber_power: float = 0.25
-    # PPO clip of the ratio exp(log p_theta - log p_old) (release: 1.0)
-    clip_range: float = 1.0
-    # advantages (after advantage.clip) are rescaled to [-advantage_max, advantage_max]
-    # (release: advantage_max 1 with adv_clip_max 5); null: no rescaling
-    advantage_max: float | None = 1.0
-    # exp_first: one ratio per (sample, timestep) row (every release config) | sum_first: one ratio
-    # per sample, of its log-likelihoods averaged over its training timesteps (the release's other
-    # train.loss_type); needs train_batch_size to be a multiple of the timesteps per sample
-    loss_type: str = "exp_first"
-    # weight of the EMA-KL term mean((v - v_ema)^2), v_ema from an EMA copy of the trained weights
-    # (the release's train.ema_beta with kl_ema_weight 'Uniform': 1 in all its SD3.5 configs; the
-    # release adds the term only when train.beta > 0). 0: off (no EMA copy, no extra forward)
-    ema_beta: float = 0.0
-    # that EMA copy's decay after each update: linear = min(kl_ema_decay, kl_ema_decay_rate * updates)
-    # | constant = kl_ema_decay (release: kl_ema_decay_type linear, kl_ema_decay 0.3, rate 0.001)
-    kl_ema_decay: float = 0.3
-    kl_ema_decay_type: str = "linear"
-    kl_ema_decay_rate: float = 0.001
+    weighting: str = option("ghuber", help=(
+        "per-sample weighting of the flow-matching error: uniform | t | t2 | huber | ghuber"
+    ))
+    ghuber_power: float = option(0.25, help="the power p of the ghuber weighting")
+    clip_range: float = option(1.0, help="PPO clip of the ratio exp(log p_theta - log p_old) (release: 1.0)")
+    advantage_max: float | None = option(1.0, help=(
+        "advantages (after advantage.clip) are rescaled to [-advantage_max, advantage_max] (release: "
+        "advantage_max 1 with adv_clip_max 5); null: no rescaling"
+    ))
+    loss_type: str = option("exp_first", help=(
+        "exp_first: one ratio per (sample, timestep) row (every release config) | sum_first: one ratio "
+        "per sample, of its log-likelihoods averaged over its training timesteps (the release's other "
+        "train.loss_type); needs train_batch_size to be a multiple of the timesteps per sample"
+    ))
+    ema_beta: float = option(0.0, help=(
+        "weight of the EMA-KL term mean((v - v_ema)^2), v_ema from an EMA copy of the trained weights "
+        "(the release's train.ema_beta with kl_ema_weight 'Uniform': 1 in all its SD3.5 configs; the "
+        "release adds the term only when train.beta > 0). 0: off (no EMA copy, no extra forward)"
+    ))
+    kl_ema_decay: float = option(0.3, help=(
+        "that EMA copy's decay after each update: linear = min(kl_ema_decay, kl_ema_decay_rate * updates) "
+        "| constant = kl_ema_decay (release: kl_ema_decay_type linear, kl_ema_decay 0.3, rate 0.001)"
+    ))
+    kl_ema_decay_type: str = option("linear", help="linear | constant: how kl_ema_decay is applied (see kl_ema_decay)")
+    kl_ema_decay_rate: float = option(0.001, help="the linear schedule's rate (release: 0.001)")
 
 
 @dataclass
 class ForwardRLConfig(GRPOConfig):
     """Config of ``method: nft`` / ``method: awm`` (see the module docstring)."""
 
-    # the forward-process method: nft | awm
-    method: str = "nft"
+    method: str = option("nft", help="the forward-process method: nft | awm")
     METHODS = FORWARD_METHODS
-    forward: ForwardOptions = field(default_factory=ForwardOptions)
-    nft: NFTOptions = field(default_factory=NFTOptions)
-    awm: AWMOptions = field(default_factory=AWMOptions)
+    forward: ForwardOptions = option(factory=ForwardOptions, help=(
+        "the forward-process training (timesteps, batches, advantage scaling) both methods share"
+    ))
+    nft: NFTOptions = option(factory=NFTOptions, help="DiffusionNFT's options (method: nft)")
+    awm: AWMOptions = option(factory=AWMOptions, help="Advantage Weighted Matching's options (method: awm)")
 
     @property
     def needs_reference(self) -> bool:

@@ -9,10 +9,10 @@ combinations with a :class:`~diffalign.config.ConfigError` naming the key (CLI e
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from ..config import BaseTrainConfig, check
+from ..config import BaseTrainConfig, check, option
 from ..losses.grpo import KL_FORMS, LOG_PROB_FORMS, REDUCTIONS
 from ..pipelines import ODE_SOLVERS, SIGMA_SCHEDULES, STEP_KINDS
 from .advantages import MULTI_REWARD_MODES, STD_MODES, TREE_MODES
@@ -32,222 +32,230 @@ PROMPT_SAMPLINGS = ("random", "distinct", "epoch")
 class SamplerOptions:
     """How rollouts and evaluation images are sampled."""
 
-    # denoising steps of training rollouts
-    num_steps: int = 10
-    # denoising steps of evaluation sampling (ODE); usually more than num_steps
-    eval_num_steps: int = 40
-    # classifier-free guidance scale (<= 1: no guidance)
-    guidance_scale: float = 4.5
-    # false: train and sample without classifier-free guidance (no uncond forward)
-    cfg: bool = True
-    # stochastic step: auto (flow_sde for flow models, ddim for UNets) | ddim | flow_sde | cps | dance
-    step: str = "auto"
-    # eta (ddim, cps, dance) or a (flow_sde); None: the kind's paper default
-    noise_level: float | None = None
-    # deterministic steps (outside the window, between branches, eval): euler | heun | dpm2m
-    ode_solver: str = "euler"
-    # the deterministic steps before a rollout's first stochastic step (before MixGRPO's window): null (ode_solver) |
-    # euler | heun | dpm2m. MixGRPO-Flash (Tencent-Hunyuan/MixGRPO fastvideo/utils/sampling_utils.py run_sample_step,
-    # dpm_apply_strategy post) takes Euler steps before the window and DPM-Solver++(2M) only after it: euler
-    pre_window_solver: str | None = None
-    # image side in pixels (a multiple of 8)
-    resolution: int = 512
-    # one initial noise per prompt group (DanceGRPO; TempFlow's seed groups)
-    shared_noise: bool = False
-    # mean | sum over latent elements (rollout, loss and KL alike)
-    logprob_reduction: str = "mean"
-    # the log-prob of step: cps: gaussian (the exact Gaussian density) | flow_grpo (flow_grpo's CPS
-    # convention -(x - mean)^2, no 1/(2 std^2) and no normaliser: its clip range 1e-5 assumes it)
-    cps_logprob: str = "gaussian"
-    # training rollouts' sigma table (flow models): scheduler (the checkpoint scheduler's shifted
-    # table, the pipeline's default sampler; flow_grpo) | time_shift (DanceGRPO, MixGRPO, BranchGRPO:
-    # shift * u / (1 + (shift - 1) u) on u = linspace(1, 0, num_steps + 1)). Evaluation keeps the scheduler's
-    sigma_schedule: str = "scheduler"
-    # sigma_schedule: time_shift: the shift (DanceGRPO, MixGRPO, BranchGRPO: 3)
-    shift: float = 3.0
+    num_steps: int = option(10, help="denoising steps of training rollouts")
+    eval_num_steps: int = option(40, help="denoising steps of evaluation sampling (ODE); usually more than num_steps")
+    guidance_scale: float = option(4.5, help="classifier-free guidance scale (<= 1: no guidance)")
+    cfg: bool = option(True, help="false: train and sample without classifier-free guidance (no uncond forward)")
+    step: str = option("auto", help=(
+        "stochastic step: auto (flow_sde for flow models, ddim for UNets) | ddim | flow_sde | cps | dance"
+    ))
+    noise_level: float | None = option(None, help=(
+        "eta (ddim, cps, dance) or a (flow_sde); None: the kind's paper default"
+    ))
+    ode_solver: str = option("euler", help=(
+        "deterministic steps (outside the window, between branches, eval): euler | heun | dpm2m"
+    ))
+    pre_window_solver: str | None = option(None, help=(
+        "the deterministic steps before a rollout's first stochastic step (before MixGRPO's window): null "
+        "(ode_solver) | euler | heun | dpm2m. MixGRPO-Flash (Tencent-Hunyuan/MixGRPO "
+        "fastvideo/utils/sampling_utils.py run_sample_step, dpm_apply_strategy post) takes Euler steps "
+        "before the window and DPM-Solver++(2M) only after it: euler"
+    ))
+    resolution: int = option(512, help="image side in pixels (a multiple of 8)")
+    shared_noise: bool = option(False, help="one initial noise per prompt group (DanceGRPO; TempFlow's seed groups)")
+    logprob_reduction: str = option("mean", help="mean | sum over latent elements (rollout, loss and KL alike)")
+    cps_logprob: str = option("gaussian", help=(
+        "the log-prob of step: cps: gaussian (the exact Gaussian density) | flow_grpo (flow_grpo's CPS "
+        "convention -(x - mean)^2, no 1/(2 std^2) and no normaliser: its clip range 1e-5 assumes it)"
+    ))
+    sigma_schedule: str = option("scheduler", help=(
+        "training rollouts' sigma table (flow models): scheduler (the checkpoint scheduler's shifted "
+        "table, the pipeline's default sampler; flow_grpo) | time_shift (DanceGRPO, MixGRPO, BranchGRPO: "
+        "shift * u / (1 + (shift - 1) u) on u = linspace(1, 0, num_steps + 1)). Evaluation keeps the "
+        "scheduler's"
+    ))
+    shift: float = option(3.0, help="sigma_schedule: time_shift: the shift (DanceGRPO, MixGRPO, BranchGRPO: 3)")
 
 
 @dataclass
 class WindowOptions:
     """MixGRPO / Flow-GRPO-Fast: ``size`` stochastic steps, the rest ODE."""
 
-    # stochastic steps in the window
-    size: int = 4
-    # first window position
-    start: int = 0
-    # steps the window moves ...
-    shift: int = 1
-    # ... every this many training steps
-    interval: int = 25
-    # last window start; then it wraps to start. Default: num_steps - 3 with sweep_end=truncate
-    # (MixGRPO's max_timesteps = sampling_steps - 2, exclusive), num_steps - size with wrap
-    end: int | None = None
-    # slide | random (uniform in [start, end] each training step)
-    mode: str = "slide"
-    # slide near the end of a sweep: truncate (MixGRPO, zqqqqz2000/MixGRPO fastvideo/utils/grpo_states.py:
-    # the window is steps [p, min(p + size, end + 1)), shrinking at the end, so the last two steps are never
-    # stochastic) | wrap (every window has `size` steps; the last start is num_steps - size, which trains
-    # the last step; diffalign's convention before issue 14)
-    sweep_end: str = "truncate"
-    # MixGRPO-Flash (Tencent-Hunyuan/MixGRPO fastvideo/utils/sampling_utils.py run_sample_step with
-    # --dpm_post_compress_ratio 0.4, --dpm_algorithm_type dpmsolver++, --dpm_apply_strategy post): after the window's
-    # last step L come int(max((N - L) * ratio, 1)) sigma points (N steps), sigma_{L+1} first: with sigma_schedule
-    # time_shift the release's points (shift applied to linspace(u_{L+1}, 0, points) in unshifted time), otherwise
-    # the table's grid subsampled evenly; the DPM-Solver++(2M) history (x0 of step L) is carried across the window
-    # into them. null: off. Needs ode_solver: dpm2m
-    post_window_ratio: float | None = None
-    # true: at least one ODE step after the window, so every rollout ends at sigma 0. false (the release,
-    # Tencent-Hunyuan/MixGRPO sampling_utils.py): with fewer than 2 points (late windows, e.g. L >= 21 of 25 at
-    # ratio 0.4) no step follows the window and the rollout ends, and is scored, at sigma_{L+1} > 0
-    post_window_to_zero: bool = True
+    size: int = option(4, help="stochastic steps in the window")
+    start: int = option(0, help="first window position")
+    shift: int = option(1, help="steps the window moves ...")
+    interval: int = option(25, help="... every this many training steps")
+    end: int | None = option(None, help=(
+        "last window start; then it wraps to start. Default: num_steps - 3 with sweep_end=truncate "
+        "(MixGRPO's max_timesteps = sampling_steps - 2, exclusive), num_steps - size with wrap"
+    ))
+    mode: str = option("slide", help="slide | random (uniform in [start, end] each training step)")
+    sweep_end: str = option("truncate", help=(
+        "slide near the end of a sweep: truncate (MixGRPO, zqqqqz2000/MixGRPO "
+        "fastvideo/utils/grpo_states.py: the window is steps [p, min(p + size, end + 1)), shrinking at "
+        "the end, so the last two steps are never stochastic) | wrap (every window has `size` steps; the "
+        "last start is num_steps - size, which trains the last step; diffalign's convention before issue "
+        "14)"
+    ))
+    post_window_ratio: float | None = option(None, help=(
+        "MixGRPO-Flash (Tencent-Hunyuan/MixGRPO fastvideo/utils/sampling_utils.py run_sample_step with "
+        "--dpm_post_compress_ratio 0.4, --dpm_algorithm_type dpmsolver++, --dpm_apply_strategy post): "
+        "after the window's last step L come int(max((N - L) * ratio, 1)) sigma points (N steps), "
+        "sigma_{L+1} first: with sigma_schedule time_shift the release's points (shift applied to "
+        "linspace(u_{L+1}, 0, points) in unshifted time), otherwise the table's grid subsampled evenly; "
+        "the DPM-Solver++(2M) history (x0 of step L) is carried across the window into them. null: off. "
+        "Needs ode_solver: dpm2m"
+    ))
+    post_window_to_zero: bool = option(True, help=(
+        "true: at least one ODE step after the window, so every rollout ends at sigma 0. false (the "
+        "release, Tencent-Hunyuan/MixGRPO sampling_utils.py): with fewer than 2 points (late windows, "
+        "e.g. L >= 21 of 25 at ratio 0.4) no step follows the window and the rollout ends, and is scored, "
+        "at sigma_{L+1} > 0"
+    ))
 
 
 @dataclass
 class TreeOptions:
     """BranchGRPO / TempFlow-GRPO: rows split ``branch_factor`` ways before each branch step."""
 
-    # the steps before which every row branches
-    branch_steps: list[int] = field(default_factory=lambda: [0, 2])
-    # children per branch
-    branch_factor: int = 2
-    # false: only the branch steps are stochastic (TempFlow-GRPO)
-    sde_between: bool = True
-    # children of a branch step are mean + std * split_noise_scale * z (the log-prob keeps the step's own std);
-    # BranchGRPO (Fredreic1849/BranchGRPO, finetune_flux_branchgrpo_8gpus.sh --tree_split_noise_scale) uses 4.0
-    split_noise_scale: float = 1.0
-    # width pruning of the trained transitions after the last branch step (BranchGRPO --width_pruning_mode, off by
-    # default there): none | per_branch (mode 1: per last-branch node, the best width_pruning_ratio of its
-    # transitions by advantage) | best_worst (mode 2: of all of them, the best and the worst width_pruning_ratio/2)
-    width_pruning: str = "none"
-    # fraction kept by width pruning (BranchGRPO --width_pruning_ratio 0.5)
-    width_pruning_ratio: float = 0.5
-    # depth pruning: transitions at these step indices are not trained (rollouts unchanged). BranchGRPO
-    # --depth_pruning counts tree depth = step + 1 ("15,16,17,18" of 20 steps = steps 14..17); empty there by default
-    depth_pruning_steps: list[int] = field(default_factory=list)
-    # sliding depth pruning (BranchGRPO --depth_pruning_slide, --depth_pruning_slide_interval 30): the pruned steps
-    # move one step earlier every this many training steps; 0: fixed
-    depth_pruning_slide_interval: int = 0
-    # ... until the earliest pruned step is this one (BranchGRPO --depth_pruning_stop_depth 9 = step 8)
-    depth_pruning_stop_step: int = 0
-    # prune (width and depth) only during the first pruning_fraction of max_steps (BranchGRPO --pruning_step_ratio 1.0)
-    pruning_fraction: float = 1.0
+    branch_steps: list[int] = option(factory=lambda: [0, 2], help="the steps before which every row branches")
+    branch_factor: int = option(2, help="children per branch")
+    sde_between: bool = option(True, help="false: only the branch steps are stochastic (TempFlow-GRPO)")
+    split_noise_scale: float = option(1.0, help=(
+        "children of a branch step are mean + std * split_noise_scale * z (the log-prob keeps the step's "
+        "own std); BranchGRPO (Fredreic1849/BranchGRPO, finetune_flux_branchgrpo_8gpus.sh "
+        "--tree_split_noise_scale) uses 4.0"
+    ))
+    width_pruning: str = option("none", help=(
+        "width pruning of the trained transitions after the last branch step (BranchGRPO "
+        "--width_pruning_mode, off by default there): none | per_branch (mode 1: per last-branch node, "
+        "the best width_pruning_ratio of its transitions by advantage) | best_worst (mode 2: of all of "
+        "them, the best and the worst width_pruning_ratio/2)"
+    ))
+    width_pruning_ratio: float = option(0.5, help=(
+        "fraction kept by width pruning (BranchGRPO --width_pruning_ratio 0.5)"
+    ))
+    depth_pruning_steps: list[int] = option(factory=list, help=(
+        "depth pruning: transitions at these step indices are not trained (rollouts unchanged). "
+        'BranchGRPO --depth_pruning counts tree depth = step + 1 ("15,16,17,18" of 20 steps = steps '
+        "14..17); empty there by default"
+    ))
+    depth_pruning_slide_interval: int = option(0, help=(
+        "sliding depth pruning (BranchGRPO --depth_pruning_slide, --depth_pruning_slide_interval 30): the "
+        "pruned steps move one step earlier every this many training steps; 0: fixed"
+    ))
+    depth_pruning_stop_step: int = option(0, help=(
+        "... until the earliest pruned step is this one (BranchGRPO --depth_pruning_stop_depth 9 = step "
+        "8)"
+    ))
+    pruning_fraction: float = option(1.0, help=(
+        "prune (width and depth) only during the first pruning_fraction of max_steps (BranchGRPO "
+        "--pruning_step_ratio 1.0)"
+    ))
 
 
 @dataclass
 class ScheduleOptions:
     """Which steps of a rollout are stochastic (and trained on)."""
 
-    # full (every step) | window (MixGRPO) | tree (BranchGRPO / TempFlow-GRPO)
-    kind: str = "full"
-    # train on a fraction of each row's stochastic steps (DanceGRPO 0.6, flow_grpo 0.99; MixGRPO's "part" windows
-    # and BranchGRPO's trees train every one: 1.0, whatever their scripts' --timestep_fraction)
-    timestep_fraction: float = 1.0
-    # which steps that fraction keeps: random (DanceGRPO: a random subset per row, round(N * f)) |
-    # first (flow_grpo's train_sd3.py: the first int(N * f) steps of the trajectory, in sampling order;
-    # with f < 1 that never includes the last step)
-    timestep_selection: str = "random"
-    # never train the last sampling step (sigma_next = 0); the fraction applies to the other steps of
-    # each row. DanceGRPO: true with random and floor (a random int((N - 1) * f) of steps 0..N-2)
-    exclude_last_step: bool = False
-    # how many of a row's n candidate steps the fraction keeps: round (n * f rounded) | floor
-    # (int(n * f): flow_grpo and DanceGRPO); null: round for random, floor for first. At least one
-    timestep_rounding: str | None = None
-    # kind: window
-    window: WindowOptions = field(default_factory=WindowOptions)
-    # kind: tree
-    tree: TreeOptions = field(default_factory=TreeOptions)
+    kind: str = option("full", help="full (every step) | window (MixGRPO) | tree (BranchGRPO / TempFlow-GRPO)")
+    timestep_fraction: float = option(1.0, help=(
+        "train on a fraction of each row's stochastic steps (DanceGRPO 0.6, flow_grpo 0.99; MixGRPO's "
+        '"part" windows and BranchGRPO\'s trees train every one: 1.0, whatever their scripts\' '
+        "--timestep_fraction)"
+    ))
+    timestep_selection: str = option("random", help=(
+        "which steps that fraction keeps: random (DanceGRPO: a random subset per row, round(N * f)) | "
+        "first (flow_grpo's train_sd3.py: the first int(N * f) steps of the trajectory, in sampling "
+        "order; with f < 1 that never includes the last step)"
+    ))
+    exclude_last_step: bool = option(False, help=(
+        "never train the last sampling step (sigma_next = 0); the fraction applies to the other steps of "
+        "each row. DanceGRPO: true with random and floor (a random int((N - 1) * f) of steps 0..N-2)"
+    ))
+    timestep_rounding: str | None = option(None, help=(
+        "how many of a row's n candidate steps the fraction keeps: round (n * f rounded) | floor (int(n * "
+        "f): flow_grpo and DanceGRPO); null: round for random, floor for first. At least one"
+    ))
+    window: WindowOptions = option(factory=WindowOptions, help="kind: window")
+    tree: TreeOptions = option(factory=TreeOptions, help="kind: tree")
 
 
 @dataclass
 class AdvantageOptions:
     """How rewards become advantages (:mod:`diffalign.trainers.advantages`)."""
 
-    # normalise by the std of: group | global | none
-    std: str = "group"
-    # added to the std (flow_grpo 1e-4; DanceGRPO, MixGRPO, BranchGRPO 1e-8)
-    eps: float = 1e-4
-    # std divisor n - ddof: 0 population std (flow_grpo's np.std) | 1 unbiased (torch.std: DanceGRPO,
-    # MixGRPO, BranchGRPO; sqrt(n / (n - 1)) larger)
-    std_ddof: int = 0
-    # train only on transitions whose advantage is nonzero (flow_grpo drops samples whose advantages
-    # are all zero, e.g. groups with equal rewards, before the update)
-    drop_zero_advantage: bool = False
-    # clamp |A| (Flow-GRPO's adv_clip_max); null: no clamp
-    clip: float | None = 5.0
-    # several rewards: weighted_sum | sum_of_advantages (DanceGRPO)
-    multi_reward: str = "weighted_sum"
-    # tree rollouts: depth (node values normalised per depth) | leaf
-    tree: str = "depth"
+    std: str = option("group", help="normalise by the std of: group | global | none")
+    eps: float = option(1e-4, help="added to the std (flow_grpo 1e-4; DanceGRPO, MixGRPO, BranchGRPO 1e-8)")
+    std_ddof: int = option(0, help=(
+        "std divisor n - ddof: 0 population std (flow_grpo's np.std) | 1 unbiased (torch.std: DanceGRPO, "
+        "MixGRPO, BranchGRPO; sqrt(n / (n - 1)) larger)"
+    ))
+    drop_zero_advantage: bool = option(False, help=(
+        "train only on transitions whose advantage is nonzero (flow_grpo drops samples whose advantages "
+        "are all zero, e.g. groups with equal rewards, before the update)"
+    ))
+    clip: float | None = option(5.0, help="clamp |A| (Flow-GRPO's adv_clip_max); null: no clamp")
+    multi_reward: str = option("weighted_sum", help="several rewards: weighted_sum | sum_of_advantages (DanceGRPO)")
+    tree: str = option("depth", help="tree rollouts: depth (node values normalised per depth) | leaf")
 
 
 @dataclass
 class GRPOLossOptions:
     """The clipped GRPO objective (:func:`diffalign.losses.grpo_clip_loss`)."""
 
-    # PPO clip of the importance ratio
-    clip_range: float = 1e-4
-    # weight of the closed-form KL to the reference (LoRA disabled)
-    kl_beta: float = 0.0
-    # the KL's divisor (diffalign.losses.grpo.gaussian_kl_same_std): gaussian (the step's true std;
-    # exact KL) | flow_grpo (flow_grpo's train_sd3.py: the diffusion coefficient without sqrt(ds), so
-    # 1/ds smaller per SDE step: a kl_beta from the Flow-GRPO paper means this form)
-    kl_form: str = "gaussian"
-    # GRPO-Guard's RatioNorm of the log-ratio
-    ratio_norm: bool = False
-    # none | noise (TempFlow: ~ step std) | inverse_dt (GRPO-Guard: ~ 1/ds)
-    step_weighting: str = "none"
-    # abort after this many consecutive steps with a NaN/inf update
-    max_nonfinite_steps: int = 5
-    # recompute the old log-probs (and step means) before each step's update: the trained model's
-    # training forward under no_grad, in exactly the micro-batches of the first pass (verl's
-    # old_log_prob), instead of the values recorded by the rollout. Under bf16 the rollout forward
-    # (batch_size rows, x2 with CFG) and the training forward (train_batch_size rows) can take
-    # different kernels, so the same sample's log-prob differs between them and the first, on-policy
-    # ratio is not 1 (logprob_mismatch > 0); a 1e-4 clip_range (flow_grpo's, set for an fp32
-    # transformer) then clips on-policy rows. On: the first update's ratio is exactly 1
-    # (first_update_max_log_ratio = 0); costs one no-grad forward per trained transition. Off: the
-    # recorded values (fp32 runs are unchanged)
-    recompute_old_logprob: bool = False
+    clip_range: float = option(1e-4, help="PPO clip of the importance ratio")
+    kl_beta: float = option(0.0, help="weight of the closed-form KL to the reference (LoRA disabled)")
+    kl_form: str = option("gaussian", help=(
+        "the KL's divisor (diffalign.losses.grpo.gaussian_kl_same_std): gaussian (the step's true std; "
+        "exact KL) | flow_grpo (flow_grpo's train_sd3.py: the diffusion coefficient without sqrt(ds), so "
+        "1/ds smaller per SDE step: a kl_beta from the Flow-GRPO paper means this form)"
+    ))
+    ratio_norm: bool = option(False, help="GRPO-Guard's RatioNorm of the log-ratio")
+    step_weighting: str = option("none", help="none | noise (TempFlow: ~ step std) | inverse_dt (GRPO-Guard: ~ 1/ds)")
+    max_nonfinite_steps: int = option(5, help="abort after this many consecutive steps with a NaN/inf update")
+    recompute_old_logprob: bool = option(False, help=(
+        "recompute the old log-probs (and step means) before each step's update: the trained model's "
+        "training forward under no_grad, in exactly the micro-batches of the first pass (verl's "
+        "old_log_prob), instead of the values recorded by the rollout. Under bf16 the rollout forward "
+        "(batch_size rows, x2 with CFG) and the training forward (train_batch_size rows) can take "
+        "different kernels, so the same sample's log-prob differs between them and the first, on-policy "
+        "ratio is not 1 (logprob_mismatch > 0); a 1e-4 clip_range (flow_grpo's, set for an fp32 "
+        "transformer) then clips on-policy rows. On: the first update's ratio is exactly 1 "
+        "(first_update_max_log_ratio = 0); costs one no-grad forward per trained transition. Off: the "
+        "recorded values (fp32 runs are unchanged)"
+    ))
 
 
 @dataclass
 class RewardSpec:
     """One reward of the (weighted) reward mix."""
 
-    # any diffalign.rewards name (NAME or NAME=PATH) or a simple reward (redness, ...)
-    name: str = "pickscore"
-    # weight in the combined reward (or its advantage)
-    weight: float = 1.0
-    # kwargs of the reward factory
-    args: dict[str, Any] = field(default_factory=dict)
+    name: str = option("pickscore", help=(
+        "any diffalign.rewards name (NAME or NAME=PATH) or a simple reward (redness, ...)"
+    ))
+    weight: float = option(1.0, help="weight in the combined reward (or its advantage)")
+    args: dict[str, Any] = option(factory=dict, help="kwargs of the reward factory")
 
 
 @dataclass
 class EvalOptions:
     """ODE-sampled evaluation on fixed noise."""
 
-    # evaluate every this many steps (0: only after the last step; -1: never)
-    every: int = 0
-    # the first prompts of the prompt list
-    num_prompts: int = 8
-    # seed of the fixed evaluation noise
-    seed: int = 1234
-    # prompts sampled, decoded and scored together per process (the eval prompts are split over the
-    # processes first): bounds evaluation memory (2048 images decoded at once do not fit a GPU); the
-    # per-prompt results do not depend on it, up to kernel numerics
-    batch_size: int = 64
-    # prompt file (.txt/.json/.jsonl/.csv) to evaluate on; null: the training prompts
-    data: str | None = None
-    # rewards watched at evaluation besides the training ones (a reward-hacking guard, e.g. train on
-    # pickscore, watch hpsv2 and aesthetic): logged as eval_reward/NAME, plotted in reward_curve.png
-    rewards: list[RewardSpec] = field(default_factory=list)
-    # also evaluate the starting weights, before the first update (logged as step 0): the origin of
-    # reward-against-time curves (testbed-compare's efficiency race)
-    at_start: bool = False
-    # save the weights of the evaluation with the highest eval_reward/NAME (a training or eval.rewards
-    # reward name, or eval_reward_mean) to output_dir/best (LoRA only): a checkpoint chosen on the eval
-    # prompts, e.g. where a learned reward is over-optimised; null: keep the final weights only
-    keep_best: str | None = None
+    every: int = option(0, help="evaluate every this many steps (0: only after the last step; -1: never)")
+    num_prompts: int = option(8, help="the first prompts of the prompt list")
+    seed: int = option(1234, help="seed of the fixed evaluation noise")
+    batch_size: int = option(64, help=(
+        "prompts sampled, decoded and scored together per process (the eval prompts are split over the "
+        "processes first): bounds evaluation memory (2048 images decoded at once do not fit a GPU); the "
+        "per-prompt results do not depend on it, up to kernel numerics"
+    ))
+    data: str | None = option(None, help=(
+        "prompt file (.txt/.json/.jsonl/.csv) to evaluate on; null: the training prompts"
+    ))
+    rewards: list[RewardSpec] = option(factory=list, help=(
+        "rewards watched at evaluation besides the training ones (a reward-hacking guard, e.g. train on "
+        "pickscore, watch hpsv2 and aesthetic): logged as eval_reward/NAME, plotted in reward_curve.png"
+    ))
+    at_start: bool = option(False, help=(
+        "also evaluate the starting weights, before the first update (logged as step 0): the origin of "
+        "reward-against-time curves (testbed-compare's efficiency race)"
+    ))
+    keep_best: str | None = option(None, help=(
+        "save the weights of the evaluation with the highest eval_reward/NAME (a training or eval.rewards "
+        "reward name, or eval_reward_mean) to output_dir/best (LoRA only): a checkpoint chosen on the "
+        "eval prompts, e.g. where a learned reward is over-optimised; null: keep the final weights only"
+    ))
 
 
 @dataclass
@@ -257,39 +265,37 @@ class GRPOConfig(BaseTrainConfig):
     rewards); null uses a built-in list. ``batch_size``: images per rollout batch per process (a
     multiple of ``group_size``). ``max_steps``: rollout+train steps."""
 
-    # the trainer (always grpo here)
-    method: str = "grpo"
+    method: str = option("grpo", help="the trainer (always grpo here)")
     # the methods this config class runs (subclasses add theirs)
     METHODS = ("grpo",)
-    # images per rollout batch per process (whole groups)
-    batch_size: int = 8
-    # samples per prompt; advantages are relative within a group
-    group_size: int = 8
-    # prompts per training step, per process
-    prompts_per_step: int = 4
-    # passes over the recorded transitions per step
-    inner_epochs: int = 1
-    # optimizer updates per pass over the transitions
-    updates_per_epoch: int = 1
-    # transitions per training forward (null: batch_size)
-    train_batch_size: int | None = None
-    # score rewards on this many threads, overlapping the next rollout (0: inline)
-    reward_threads: int = 1
-    # what is decoded and scored: final (the rollout's final latent) | x0_last (the model's x0-prediction
-    # at the last step: DanceGRPO, BranchGRPO)
-    reward_on: str = "final"
-    # the step's prompts: random (independent draws, with replacement) | distinct (flow_grpo's
-    # DistributedKRepeatSampler: a fresh permutation each step, distinct prompts over all processes) |
-    # epoch (DanceGRPO's DistributedSampler: walk through a shuffled prompt list, reshuffled each epoch)
-    prompt_sampling: str = "random"
-    sampler: SamplerOptions = field(default_factory=SamplerOptions)
-    schedule: ScheduleOptions = field(default_factory=ScheduleOptions)
-    advantage: AdvantageOptions = field(default_factory=AdvantageOptions)
-    loss: GRPOLossOptions = field(default_factory=GRPOLossOptions)
-    # the rewards, combined by weight
-    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
-    eval: EvalOptions = field(default_factory=EvalOptions)
-    ema: EMAOptions = field(default_factory=EMAOptions)
+    batch_size: int = option(8, help="images per rollout batch per process (whole groups)")
+    group_size: int = option(8, help="samples per prompt; advantages are relative within a group")
+    prompts_per_step: int = option(4, help="prompts per training step, per process")
+    inner_epochs: int = option(1, help="passes over the recorded transitions per step")
+    updates_per_epoch: int = option(1, help="optimizer updates per pass over the transitions")
+    train_batch_size: int | None = option(None, help="transitions per training forward (null: batch_size)")
+    reward_threads: int = option(1, help="score rewards on this many threads, overlapping the next rollout (0: inline)")
+    reward_on: str = option("final", help=(
+        "what is decoded and scored: final (the rollout's final latent) | x0_last (the model's "
+        "x0-prediction at the last step: DanceGRPO, BranchGRPO)"
+    ))
+    prompt_sampling: str = option("random", help=(
+        "the step's prompts: random (independent draws, with replacement) | distinct (flow_grpo's "
+        "DistributedKRepeatSampler: a fresh permutation each step, distinct prompts over all processes) | "
+        "epoch (DanceGRPO's DistributedSampler: walk through a shuffled prompt list, reshuffled each "
+        "epoch)"
+    ))
+    sampler: SamplerOptions = option(factory=SamplerOptions, help="how rollouts and evaluation images are sampled")
+    schedule: ScheduleOptions = option(factory=ScheduleOptions, help=(
+        "which steps of a rollout are stochastic and trained on (full, window, tree)"
+    ))
+    advantage: AdvantageOptions = option(factory=AdvantageOptions, help=(
+        "how rewards become advantages (grouping, normalisation, clipping)"
+    ))
+    loss: GRPOLossOptions = option(factory=GRPOLossOptions, help="the clipped policy-gradient loss and its KL term")
+    rewards: list[RewardSpec] = option(factory=lambda: [RewardSpec()], help="the rewards, combined by weight")
+    eval: EvalOptions = option(factory=EvalOptions, help="periodic evaluation on held-out prompts")
+    ema: EMAOptions = option(factory=EMAOptions, help="EMA of the trained parameters")
 
     @property
     def needs_reference(self) -> bool:

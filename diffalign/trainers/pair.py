@@ -7,7 +7,11 @@ One loop for every model family and every method. Per optimizer step:
    and prompt conditioning. By default pairs come from the latent cache
    (:mod:`diffalign.data.cache`: VAE moments and prompt embeddings computed once, the VAE and text
    encoders then freed), which changes no number of the estimator;
-2. one timestep and one noise draw per pair, shared by its chosen and rejected latents;
+2. one timestep and one noise draw per pair, shared by its chosen and rejected latents: by
+   default from this process's generator (:func:`.common.rank_generator`) in batch order; with
+   ``data_opts.per_sample_draws`` from a generator keyed by the pair's (seed, epoch, data row)
+   (:func:`diffalign.data.cache.keyed_pair_draws`), so the draws, and with the stream's
+   round-robin dealing the steps, do not depend on the process count or the accumulation split;
 3. chosen and rejected concatenated into **one** forward of the trained model;
 4. the reference forward when the method needs it: the same network with LoRA disabled (or a
    frozen copy), under ``torch.inference_mode`` (no autograd bookkeeping);
@@ -15,21 +19,29 @@ One loop for every model family and every method. Per optimizer step:
 
 Metrics stay on the device between log steps (``log_every``): only logged steps copy them to the host.
 
+Multi-process: DDP, or FSDP (``accelerate/fsdp``), which shards the denoiser in place at
+``prepare``; the trainable parameters are re-read from the prepared module, the reference pass of
+a sharded network runs under ``no_grad``, and checkpoints and the saved weights are gathered
+(:mod:`.checkpoint`, :func:`.common.gathered_copy`).
+
 The method's class says what differs (reference, data variant, noising, default beta); this
 module names no method.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import torch
 from tqdm.auto import tqdm
 
 from ..data.batches import CachedPairBatch, PairBatch, UnpairedBatch
-from ..data.cache import cache_applies, cached_dataloader, fixed_pair_draws, resolve_cache_dir
+from ..data.cache import (
+    cache_applies, cached_dataloader, fixed_pair_draws, keyed_image_draws, keyed_pair_draws, resolve_cache_dir,
+)
 from ..data.variants import variant_dataloader
-from ..logging import is_quiet
+from ..logging import info, is_quiet
 from ..losses import per_sample_mse
 from ..losses.methods import OfflineMethod, PairMSEs, offline_method
 from ..models import cat_cond
@@ -37,8 +49,8 @@ from ..optim_step import count_nonfinite, guarded_step
 from .checkpoint import Checkpointer
 from .ema import ema_weights, make_ema
 from .common import (
-    MetricsLogger, Timer, build_trainable, make_optimizer, mean_across_processes, rank_generator,
-    save_final, setup_accelerator, sum_across_processes,
+    MetricsLogger, Timer, build_trainable, is_sharded_tensor, make_optimizer, mean_across_processes, rank_generator,
+    save_final, setup_accelerator, sharding_line, sharding_summary, sum_across_processes, trainable_parameters,
 )
 from .pair_config import PairLossOptions, PairTrainConfig
 
@@ -63,8 +75,11 @@ def _noised(adapter, reference, latents, noise, timesteps, cond, cfg):
 def reference_mse(adapter, reference, x_t, timesteps, cond, target) -> torch.Tensor:
     """Per-sample MSEs of the reference (``reference``, or the trained network with its
     adapters disabled when None), under ``torch.inference_mode``; returned as an ordinary tensor
-    (a clone made outside inference mode), so the loss may use it in autograd."""
-    with torch.inference_mode():
+    (a clone made outside inference mode), so the loss may use it in autograd. A network sharded
+    by FSDP runs under ``torch.no_grad`` instead: FSDP reuses its all-gather buffers in the
+    policy's forward, and a buffer made in inference mode cannot be written outside it."""
+    net = reference if reference is not None else adapter.denoiser
+    with torch.no_grad() if is_sharded_tensor(next(net.parameters(), None)) else torch.inference_mode():
         if reference is None:
             with adapter.adapters_disabled(adapter.denoiser):
                 ref_pred = adapter.predict(x_t, timesteps, cond)
@@ -97,11 +112,16 @@ def _forward(adapter, net, reference, batch, generator, with_reference: bool, cf
 
 def _paired_forward(adapter, net, reference, batch: PairBatch | CachedPairBatch, generator, with_reference, cfg) -> PairMSEs:
     device = adapter.device
-    latents, cond, cond_l = batch.latents_and_cond(adapter)
-    n = len(batch)
-    noise = torch.randn(latents[:n].shape, generator=generator).to(device)
-    timesteps = adapter.sample_timesteps(n, generator=generator).to(device)
-    noise2, t2 = torch.cat([noise, noise]), torch.cat([timesteps, timesteps])
+    if getattr(batch, "sample_seed", None) is not None:  # data_opts.per_sample_draws: each pair's own seed
+        cond, cond_l = batch.conds(adapter)
+        latents, noise2, t2 = keyed_pair_draws(adapter, batch.sample_seed.tolist(), *batch.moments(adapter))
+        noise2, t2 = noise2.to(device), t2.to(device)
+    else:  # this process's generator, in batch order (the posterior samples: the global RNG)
+        latents, cond, cond_l = batch.latents_and_cond(adapter)
+        n = len(batch)
+        noise = torch.randn(latents[:n].shape, generator=generator).to(device)
+        timesteps = adapter.sample_timesteps(n, generator=generator).to(device)
+        noise2, t2 = torch.cat([noise, noise]), torch.cat([timesteps, timesteps])
     cond2 = cat_cond(cond, cond_l)
     x_t, target = _noised(adapter, reference, latents, noise2, t2, cond2, cfg)
     # The reference first: its forward's buffers are gone before the policy's activations are
@@ -127,9 +147,14 @@ def _fixed_draws_forward(adapter, net, batch: CachedPairBatch) -> PairMSEs:
 def _unpaired_forward(adapter, net, reference, batch: UnpairedBatch, generator, cfg) -> PairMSEs:
     device = adapter.device
     cond = adapter.encode_prompt(batch.captions)
-    latents = adapter.encode_images(batch.pixels.to(device), generator=None)
-    noise = torch.randn(latents.shape, generator=generator).to(device)
-    timesteps = adapter.sample_timesteps(len(batch), generator=generator).to(device)
+    if getattr(batch, "sample_seed", None) is not None:  # data_opts.per_sample_draws
+        mean, std = adapter.encode_moments(batch.pixels.to(device))
+        latents, noise, timesteps = keyed_image_draws(adapter, batch.sample_seed.tolist(), mean, std)
+        noise, timesteps = noise.to(device), timesteps.to(device)
+    else:
+        latents = adapter.encode_images(batch.pixels.to(device), generator=None)
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        timesteps = adapter.sample_timesteps(len(batch), generator=generator).to(device)
     x_t, target = _noised(adapter, reference, latents, noise, timesteps, cond, cfg)
     mse = per_sample_mse(adapter.predict(x_t, timesteps, cond, denoiser=net), target)
     d = batch.desirable.to(mse.device)
@@ -155,6 +180,12 @@ class PairRecipe:
         optimizer, lr_scheduler = make_optimizer(cfg, self.params, self.accelerator)
         loader = self._dataloader()
         self.net, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.adapter.denoiser, optimizer, lr_scheduler)
+        # FSDP replaces the parameters with sharded ones (DTensors) in prepare: clipping must see those.
+        # Elsewhere (one process, DDP) these are the same objects, in the same order.
+        self.params = trainable_parameters(self.net)
+        line = sharding_line(sharding_summary(self.accelerator, self.net), self.accelerator.num_processes)
+        if line and self.accelerator.is_main_process:
+            info(line)
         self.generator = rank_generator(cfg.seed, self.accelerator)
         self._resume(loader)
         self.timer = Timer()
@@ -313,6 +344,8 @@ def pair_margins(adapter, batch, seed: int = 0, repeats: int = 4) -> dict[str, t
     denoised better. A held-out check of what DPO/MaPO/SFT learned, independent of the loss.
     """
     g = torch.Generator().manual_seed(seed)
+    if getattr(batch, "sample_seed", None) is not None:  # fresh draws per repeat, not each pair's own
+        batch = dataclasses.replace(batch, sample_seed=None)
     model_m, ref_m = [], []
     for _ in range(repeats):
         mse_w, mse_l, ref_w, ref_l = _forward(adapter, adapter.denoiser, None, batch, g, True, None)

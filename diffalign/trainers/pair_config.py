@@ -8,9 +8,9 @@ options dataclass, so its YAML keys stay flat (``loss.tau``, ``loss.snr_value``,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from ..config import BaseTrainConfig, check
+from ..config import BaseTrainConfig, check, option
 from .ema_config import EMAOptions, validate_ema
 from ..data.cache import CACHE_DTYPES
 from ..data.variants import PERTURBATIONS, VariantDataOptions
@@ -22,16 +22,18 @@ from ..losses.methods import (
 @dataclass
 class PairLossOptions(MaPOOptions, KTOOptions, IPOOptions, TPOOptions, CoPGOptions):
     """``loss:`` of the pair trainer: the keys every method shares, plus (inherited) each
-    method's own options. A method reads only its ``Options`` fields."""
+    method's own options. A method reads only its ``Options`` fields. The bases define disjoint
+    keys (``tests/test_config_help.py`` checks it), so their order sets no precedence."""
 
-    beta: float | None = None  # None: the method's default_beta (dpo-like 5000, mapo 0.1)
-    max_nonfinite_steps: int = 5  # abort after this many consecutive NaN/inf steps
-    noising: str | None = None  # random | ddim_inversion; None: the method's own (ddim_inversion for inpo)
-    inversion_steps: int = 4  # DDIM/Euler inversion steps for noising=ddim_inversion
-    # Estimator variant, never the default (needs data_opts.cache_dir): one fixed (timestep, noise)
-    # per pair, and the reference's losses at it computed once into the cache; no reference
-    # forward while training, at the price of one noise draw per pair for the whole run.
-    cached_reference: bool = False
+    beta: float | None = option(None, help="None: the method's default_beta (dpo-like 5000, mapo 0.1)")
+    max_nonfinite_steps: int = option(5, help="abort after this many consecutive NaN/inf steps")
+    noising: str | None = option(None, help="random | ddim_inversion; None: the method's own (ddim_inversion for inpo)")
+    inversion_steps: int = option(4, help="DDIM/Euler inversion steps for noising=ddim_inversion")
+    cached_reference: bool = option(False, help=(
+        "Estimator variant, never the default (needs data_opts.cache_dir): one fixed (timestep, noise) "
+        "per pair, and the reference's losses at it computed once into the cache; no reference forward "
+        "while training, at the price of one noise draw per pair for the whole run."
+    ))
 
     def validate(self) -> None:
         super().validate()  # every method's options (cooperative through the bases)
@@ -44,11 +46,23 @@ class PairTrainConfig(BaseTrainConfig):
     """Config of ``method:`` one of the registered offline methods (dpo, mapo, sft, kto, dcpo,
     tpo, ipo, copg, inpo, ...)."""
 
-    method: str = DPO.name
-    data_opts: VariantDataOptions = field(default_factory=VariantDataOptions)
-    loss: PairLossOptions = field(default_factory=PairLossOptions)
-    # EMA of the trained parameters; the saved weights are the EMA's (flow_grpo's convention, :mod:`.ema`)
-    ema: EMAOptions = field(default_factory=EMAOptions)
+    method: str = option(DPO.name, help=(
+
+        "the offline method: dpo | mapo | sft | kto | dcpo | tpo | ipo | copg | inpo "
+
+        "(diffalign.losses.methods.OFFLINE_METHODS)"
+
+    ))
+    data_opts: VariantDataOptions = option(factory=VariantDataOptions, help=(
+        "how preference pairs are read, cropped, cached and varied"
+    ))
+    loss: PairLossOptions = option(factory=PairLossOptions, help=(
+        "the method's loss options (shared keys plus each method's own)"
+    ))
+    ema: EMAOptions = option(factory=EMAOptions, help=(
+        "EMA of the trained parameters; the saved weights are the EMA's (flow_grpo's convention, "
+        ":mod:`.ema`)"
+    ))
 
     @property
     def objective(self) -> type[OfflineMethod]:

@@ -12,13 +12,19 @@ convention of :mod:`diffalign.rewards.pairs`.
 
 Images are preprocessed by the same torch code the ``pickscore`` reward uses, so training and
 scoring see identical pixels.
+
+A training loop, so it lives with the trainers and shares their pieces: the guarded optimizer
+step and NaN/inf policy (:mod:`diffalign.optim_step`, through :class:`~diffalign.optim_step.SingleProcess`:
+one device, plain torch), the precision names (:func:`.common.precision_dtype`), the step timer
+(:class:`.common.Timer`) and the config checks (:func:`diffalign.config.check`). It keeps its own
+optimizer, warmup and outputs (a transformers ``CLIPModel`` directory and ``metrics.json``), which
+differ from the diffusion trainers' (see :func:`train_reward`).
 """
 
 from __future__ import annotations
 
 import json
 import random
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ConfigError, deep_merge, from_dict, load_yaml, parse_overrides, save_config
+from ..config import check, deep_merge, from_dict, load_yaml, option, parse_overrides, save_config
 from ..errors import UserError
 from ..files import fix_safetensors_modes
-from .pairs import iter_pair_batches, pairwise_accuracy
+from ..optim_step import SingleProcess, count_nonfinite, guarded_backward, guarded_step
+from ..rewards.pairs import describe_accuracy, iter_pair_batches, pairwise_accuracy
+from .common import Timer, precision_dtype
 
 
 @dataclass
@@ -41,38 +49,38 @@ class RewardTrainConfig:
     match).
     """
 
-    model: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # CLIPModel dir or hub id to start from
-    processor: str | None = None  # image processor + tokenizer source; default: model
-    data: str | None = None  # Pick-a-Pic-schema parquet file or directory
-    val_data: str | None = None  # held-out pairs; default: val_fraction of data
-    val_fraction: float = 0.05
-    max_val_pairs: int = 2000
-    output_dir: str = "outputs/reward"
-    max_steps: int = 4000
-    batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 3e-6
-    weight_decay: float = 0.3
-    warmup_steps: int = 500
-    max_grad_norm: float = 1.0  # clip the gradient norm to this (<= 0: no clipping)
-    max_nonfinite_steps: int = 5  # a NaN/inf loss or gradient skips the step; abort after this many in a row
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.98
-    adam_epsilon: float = 1e-6
-    train_logit_scale: bool = False  # PickScore keeps CLIP's temperature fixed by default
-    drop_ties: bool = False  # ties are (0.5, 0.5) targets unless dropped
-    mixed_precision: str = "no"  # no | bf16 | fp16 (CUDA autocast)
-    shuffle_buffer: int = 1000
-    eval_every: int = 500
-    log_every: int = 10
-    seed: int = 0
-    device: str | None = None
+    model: str = option("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", help="CLIPModel dir or hub id to start from")
+    processor: str | None = option(None, help="image processor + tokenizer source; default: model")
+    data: str | None = option(None, help="Pick-a-Pic-schema parquet file or directory")
+    val_data: str | None = option(None, help="held-out pairs; default: val_fraction of data")
+    val_fraction: float = option(0.05, help=(
+        "fraction of data's pairs held out for validation (a fixed hash of the row index: the same "
+        "split in every run) when val_data is null"))
+    max_val_pairs: int = option(2000, help="validation pairs decoded and kept in memory")
+    output_dir: str = option("outputs/reward", help="where the trained CLIP model, its processor and metrics.json are written")
+    max_steps: int = option(4000, help="optimizer steps (PickScore: 4000)")
+    batch_size: int = option(8, help="pairs per step (PickScore used 128: accumulate to match)")
+    gradient_accumulation_steps: int = option(1, help="micro-batches whose gradients are summed before each optimizer step")
+    learning_rate: float = option(3e-6, help="AdamW learning rate after warm-up (PickScore: 3e-6)")
+    weight_decay: float = option(0.3, help="AdamW weight decay, not applied to 1-D parameters or the logit scale (PickScore: 0.3)")
+    warmup_steps: int = option(500, help="linear warm-up min(1, (step + 1) / warmup_steps) (PickScore: 500)")
+    max_grad_norm: float = option(1.0, help="clip the gradient norm to this (<= 0: no clipping)")
+    max_nonfinite_steps: int = option(5, help=(
+        "a NaN/inf loss or gradient skips the step; abort after this many in a row"
+    ))
+    adam_beta1: float = option(0.9, help="AdamW beta1")
+    adam_beta2: float = option(0.98, help="AdamW beta2 (PickScore: 0.98)")
+    adam_epsilon: float = option(1e-6, help="AdamW epsilon (PickScore: 1e-6)")
+    train_logit_scale: bool = option(False, help="PickScore keeps CLIP's temperature fixed by default")
+    drop_ties: bool = option(False, help="ties are (0.5, 0.5) targets unless dropped")
+    mixed_precision: str = option("no", help="no | bf16 | fp16 (CUDA autocast)")
+    shuffle_buffer: int = option(1000, help="pairs in the streaming shuffle buffer")
+    eval_every: int = option(500, help="steps between validation accuracy measurements (and at the last step)")
+    log_every: int = option(10, help="steps between printed training-loss lines")
+    seed: int = option(0, help="seed of the data order (shuffle buffer) and of torch and numpy")
+    device: str | None = option(None, help="torch device to train on; null: cuda when available, else cpu")
 
     def validate(self) -> None:
-        def check(ok: bool, key: str, msg: str) -> None:
-            if not ok:
-                raise ConfigError(f"config key '{key}': {msg}")
-
         check(bool(self.data), "data", "is required (a Pick-a-Pic-schema parquet file or directory)")
         check(self.max_steps >= 1, "max_steps", "must be >= 1")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -84,13 +92,6 @@ class RewardTrainConfig:
         check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
         check(self.val_data is not None or self.val_fraction > 0, "val_fraction",
               "must be > 0 when val_data is not given (validation needs pairs)")
-
-
-def describe_accuracy(m: dict) -> str:
-    """Both accuracies with what each one counts ("0.750 (strict 1.000)" left that to guess)."""
-    untied = m["pairs"] - m["human_ties"]
-    return (f"accuracy {m['accuracy']:.3f} over all {m['pairs']} pairs (a human tie counts 0.5), "
-            f"{m['accuracy_strict']:.3f} over the {untied} pairs without a human tie")
 
 
 def load_train_config(path: str | None, overrides: list[str] | None = None) -> RewardTrainConfig:
@@ -149,15 +150,18 @@ def pickscore_loss(logit_scale: torch.Tensor, text: torch.Tensor, img0: torch.Te
 
 
 def train_reward(cfg: RewardTrainConfig, log=print) -> dict:
-    """Train; returns metrics (``val_accuracy_initial``, ``val_accuracy``, ``history``)."""
+    """Train; returns metrics (``val_accuracy_initial``, ``val_accuracy``, ``history``).
+
+    Not the diffusion trainers' :func:`.common.make_optimizer`: CLIP fine-tuning keeps weight decay
+    off parameters of under 2 dims (biases, norms, ``logit_scale``: two groups), and warms up as
+    ``min(1, (step + 1) / warmup_steps)`` (diffusers' ``constant_with_warmup`` starts at 0). No
+    accelerate, checkpoints, output-dir lock or ``metrics.jsonl`` either: one process on one
+    device, the model saved once at the end."""
     from transformers import AutoTokenizer, CLIPImageProcessor
 
-    # The one guarded optimizer step of every loop. An upward edge (rewards -> trainers), kept
-    # function-level: the reward trainer is a training loop that lives beside its CLI here.
-    from ..optim_step import SingleProcess, count_nonfinite, guarded_backward, guarded_step
-    from .base import default_device
-    from .clip import CLIPEmbedder
-    from .weights import load_pretrained
+    from ..rewards.base import default_device
+    from ..rewards.clip import CLIPEmbedder
+    from ..rewards.weights import load_pretrained
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -177,8 +181,8 @@ def train_reward(cfg: RewardTrainConfig, log=print) -> dict:
         lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
-    use_amp = amp_dtype is not None and device.type == "cuda"
+    amp_dtype = precision_dtype(cfg.mixed_precision)  # float32 for "no"
+    use_amp = cfg.mixed_precision != "no" and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
     # Validation pairs are decoded once and kept in memory (max_val_pairs of them).
@@ -214,7 +218,7 @@ def train_reward(cfg: RewardTrainConfig, log=print) -> dict:
     log(f"train-reward: {len(val_pairs)} validation pairs; initial {describe_accuracy(initial)}")
     history = [{"step": 0, **initial}]
     stream = _train_stream(cfg, rng, bad)
-    t0 = time.perf_counter()
+    timer = Timer()
     running = 0.0
     stepper = SingleProcess(opt, scaler)  # one NaN policy with the diffusion trainers (optim_step)
     nonfinite_in_a_row = skipped_total = 0
@@ -228,7 +232,7 @@ def train_reward(cfg: RewardTrainConfig, log=print) -> dict:
                 caps = [b[0] for b in batch]
                 l0 = torch.tensor([b[3] for b in batch], device=device)
                 l1 = torch.tensor([b[4] for b in batch], device=device)
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     txt = embedder.text_embeds(caps)
                     img = embedder.image_embeds([b[1] for b in batch] + [b[2] for b in batch])
                     loss = pickscore_loss(model.logit_scale.exp().float(), txt, img[: len(batch)], img[len(batch):], l0, l1)
@@ -254,7 +258,7 @@ def train_reward(cfg: RewardTrainConfig, log=print) -> dict:
             m = evaluate()
             history.append({"step": step, **m})
             log(f"step {step}: validation {describe_accuracy(m)}")
-    seconds = time.perf_counter() - t0
+    seconds = timer.lap()
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

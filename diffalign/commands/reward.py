@@ -6,6 +6,9 @@
     diffalign filter-pairs --reward pickscore --pairs in.parquet --out kept.parquet --keep-fraction 0.5
     diffalign train-reward configs/reward/tiny_pickscore.yaml model=DIR data=pairs.parquet
     diffalign serve-reward --reward pickscore --host 127.0.0.1 --port 8000
+
+Each command parses, calls the work and prints: scoring, pairs and the server are in
+:mod:`diffalign.rewards`, reward-model training in :mod:`diffalign.trainers.reward_model`.
 """
 
 from __future__ import annotations
@@ -21,113 +24,9 @@ from ..data.prompts import read_prompt_file, read_prompts
 from ..errors import UserError
 
 
-def _add_reward_args(p: argparse.ArgumentParser, multiple: bool) -> None:
-    if multiple:
-        p.add_argument("--reward", action="append", required=True, metavar="NAME[=PATH]",
-                       help="reward to compute (repeatable), e.g. pickscore, aesthetic=/models/aes")
-    else:
-        p.add_argument("--reward", required=True, metavar="NAME[=PATH]", help="reward, e.g. pickscore or pickscore=DIR")
-    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("score", help="score images (or preference pairs) with one or more rewards",
-                              description="Score a directory of images against prompts, writing one CSV row per "
-                                          "image; or, with --pairs, report each reward's pairwise accuracy "
-                                          "against human labels.")
-    _add_reward_args(p, multiple=True)
-    p.add_argument("--images", metavar="DIR", help="directory of images (scored in sorted name order)")
-    p.add_argument("--prompts", metavar="FILE",
-                   help="prompts: .txt (one line per image, matched to the sorted image names) or .csv/.jsonl "
-                        "with columns image,prompt (an eval run's per_image.csv works)")
-    p.add_argument("--pairs", metavar="FILE.parquet", help="Pick-a-Pic-schema pairs: report pairwise accuracy")
-    p.add_argument("--tie-tol", type=float, default=0.0,
-                   help="--pairs: the reward predicts a tie when |s0-s1| <= this (default 0)")
-    p.add_argument("--out", metavar="FILE.csv", help="output CSV (required with --images)")
-    p.set_defaults(func=cmd_score)
-
-    p = subparsers.add_parser("relabel", help="replace human pair labels by a reward's preference (AI feedback)")
-    _add_reward_args(p, multiple=False)
-    p.add_argument("--pairs", required=True, metavar="IN.parquet", help="Pick-a-Pic-schema pairs")
-    p.add_argument("--out", required=True, metavar="OUT.parquet", help="the pairs with the reward's labels")
-    p.add_argument("--tie-tol", type=float, default=0.0, help="label a tie (0.5/0.5) when |s0-s1| <= this")
-    p.set_defaults(func=cmd_relabel)
-
-    p = subparsers.add_parser("filter-pairs", help="keep the pairs with the largest reward margin (FiFA-style)")
-    _add_reward_args(p, multiple=False)
-    p.add_argument("--pairs", required=True, metavar="IN.parquet", help="Pick-a-Pic-schema pairs")
-    p.add_argument("--out", required=True, metavar="OUT.parquet", help="the kept pairs")
-    p.add_argument("--keep-fraction", type=float, default=0.5, help="fraction of pairs to keep (default 0.5)")
-    p.add_argument("--require-agreement", action="store_true",
-                   help="drop pairs whose (non-tie) human label the reward contradicts before ranking")
-    p.set_defaults(func=cmd_filter_pairs)
-
-    p = subparsers.add_parser("train-reward", help="fine-tune a CLIP reward model on preference pairs (PickScore objective)")
-    p.add_argument("config", metavar="CONFIG", help="YAML config (see configs/reward/tiny_pickscore.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. max_steps=100")
-    p.set_defaults(func=cmd_train_reward)
-
-    from .server import DEFAULT_MAX_IMAGES, DEFAULT_MAX_PIXELS
-
-    p = subparsers.add_parser("serve-reward", help="serve a reward over HTTP (JSON, base64 images)",
-                              description="Serve one reward over HTTP for training jobs elsewhere "
-                                          "(client: --reward remote=http://HOST:PORT).",
-                              epilog=_serve_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_reward_args(p, multiple=False)
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1, this machine only; the server has no "
-                        "authentication, so other addresses log a warning)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
-    p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body in MiB (413 above; default 64)")
-    p.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES,
-                   help=f"most images per request (413 above; default {DEFAULT_MAX_IMAGES})")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help=f"largest image, width*height, checked from the header before decoding "
-                        f"(413 above; default {DEFAULT_MAX_PIXELS} = 4096x4096)")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds before a request is answered 504 (default 120)")
-    p.add_argument("--no-access-log", action="store_true",
-                   help="do not log a line per request (client, method, path, status, seconds)")
-    p.set_defaults(func=cmd_serve_reward)
-
-
-def _serve_epilog() -> str:
-    """The /score request and response schemas, as the server's OpenAPI document has them."""
-    from .server import openapi_spec
-
-    schemas = openapi_spec()["components"]["schemas"]
-
-    def block(name: str) -> str:
-        # one line per property: the indent=2 dump of a schema is four screens long
-        schema = dict(schemas[name])
-        props = schema.pop("properties")
-        head = json.dumps(schema)[:-1]
-        lines = [f'    {json.dumps(k)}: {json.dumps(v)},' for k, v in props.items()]
-        lines[-1] = lines[-1].rstrip(",")
-        return "\n".join([f'  {head}, "properties": {{', *lines, "  }}"])
-
-    return (
-        "API (OpenAPI 3; the full document is served at GET /openapi.json):\n"
-        "  GET  /health -> reward name, higher_is_better, needs_prompt and the limits below\n"
-        "  POST /score  (Content-Type: application/json), request body schema:\n"
-        f"{block('ScoreRequest')}\n"
-        "  200 response schema:\n"
-        f"{block('ScoreResponse')}\n"
-        '  errors: {"error": "one line"} with 400 malformed request or undecodable image, 411 no\n'
-        "  Content-Length, 413 over --max-body-mb / --max-images / --max-pixels, 500 reward failure,\n"
-        "  504 not scored within --timeout.\n"
-        "example:\n"
-        "  curl -s localhost:8000/score -H 'Content-Type: application/json' \\\n"
-        "       -d '{\"images\": [\"'$(base64 -w0 a.png)'\"], \"prompts\": [\"a cat\"]}'"
-    )
-
-
-# --------------------------------------------------------------------------------------------
-
-
 def _make_rewards(specs: list[str], args) -> dict:
-    from .compose import unique_names
-    from .registry import get_reward
+    from ..rewards.compose import unique_names
+    from ..rewards.registry import get_reward
 
     kwargs = {}
     if getattr(args, "device", None):
@@ -179,7 +78,7 @@ def cmd_score(args) -> int:
         raise UserError("give --images DIR (with --prompts FILE) or --pairs FILE.parquet")
     if not args.out:
         raise UserError("--out FILE.csv is required with --images")
-    from .base import list_image_files, load_image
+    from ..rewards.base import list_image_files, load_image
 
     images_dir = Path(args.images)
     if not images_dir.is_dir():
@@ -228,7 +127,7 @@ def cmd_score(args) -> int:
 
 
 def _score_pairs(args) -> int:
-    from .pairs import describe_bad, pairwise_accuracy, score_pairs
+    from ..rewards.pairs import describe_bad, pairwise_accuracy, score_pairs
 
     rewards = _make_rewards(args.reward, args)
     _load_all(rewards)
@@ -258,7 +157,7 @@ def _score_pairs(args) -> int:
 
 
 def cmd_relabel(args) -> int:
-    from .pairs import describe_bad, relabel
+    from ..rewards.pairs import describe_bad, relabel
 
     (reward,) = _make_rewards([args.reward], args).values()
     reward.ensure_loaded()
@@ -272,7 +171,7 @@ def cmd_relabel(args) -> int:
 
 
 def cmd_filter_pairs(args) -> int:
-    from .pairs import describe_bad, filter_pairs
+    from ..rewards.pairs import describe_bad, filter_pairs
 
     (reward,) = _make_rewards([args.reward], args).values()
     reward.ensure_loaded()
@@ -286,7 +185,7 @@ def cmd_filter_pairs(args) -> int:
 
 
 def cmd_train_reward(args) -> int:
-    from .train import load_train_config, train_reward
+    from ..trainers.reward_model import load_train_config, train_reward
 
     cfg = load_train_config(args.config, args.overrides)
     metrics = train_reward(cfg)
@@ -297,7 +196,7 @@ def cmd_train_reward(args) -> int:
 
 
 def cmd_serve_reward(args) -> int:
-    from .server import RewardServer
+    from ..rewards.server import RewardServer
 
     (reward,) = _make_rewards([args.reward], args).values()
     reward.ensure_loaded()  # fail before binding the port if weights are missing
@@ -317,3 +216,107 @@ def cmd_serve_reward(args) -> int:
     finally:
         server.httpd.server_close()
     return 0
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _add_reward_args(p: argparse.ArgumentParser, multiple: bool) -> None:
+    if multiple:
+        p.add_argument("--reward", action="append", required=True, metavar="NAME[=PATH]",
+                       help="reward to compute (repeatable), e.g. pickscore, aesthetic=/models/aes")
+    else:
+        p.add_argument("--reward", required=True, metavar="NAME[=PATH]", help="reward, e.g. pickscore or pickscore=DIR")
+    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("score", help="score images (or preference pairs) with one or more rewards",
+                              description="Score a directory of images against prompts, writing one CSV row per "
+                                          "image; or, with --pairs, report each reward's pairwise accuracy "
+                                          "against human labels.")
+    _add_reward_args(p, multiple=True)
+    p.add_argument("--images", metavar="DIR", help="directory of images (scored in sorted name order)")
+    p.add_argument("--prompts", metavar="FILE",
+                   help="prompts: .txt (one line per image, matched to the sorted image names) or .csv/.jsonl "
+                        "with columns image,prompt (an eval run's per_image.csv works)")
+    p.add_argument("--pairs", metavar="FILE.parquet", help="Pick-a-Pic-schema pairs: report pairwise accuracy")
+    p.add_argument("--tie-tol", type=float, default=0.0,
+                   help="--pairs: the reward predicts a tie when |s0-s1| <= this (default 0)")
+    p.add_argument("--out", metavar="FILE.csv", help="output CSV (required with --images)")
+    p.set_defaults(func=cmd_score)
+
+    p = subparsers.add_parser("relabel", help="replace human pair labels by a reward's preference (AI feedback)")
+    _add_reward_args(p, multiple=False)
+    p.add_argument("--pairs", required=True, metavar="IN.parquet", help="Pick-a-Pic-schema pairs")
+    p.add_argument("--out", required=True, metavar="OUT.parquet", help="the pairs with the reward's labels")
+    p.add_argument("--tie-tol", type=float, default=0.0, help="label a tie (0.5/0.5) when |s0-s1| <= this")
+    p.set_defaults(func=cmd_relabel)
+
+    p = subparsers.add_parser("filter-pairs", help="keep the pairs with the largest reward margin (FiFA-style)")
+    _add_reward_args(p, multiple=False)
+    p.add_argument("--pairs", required=True, metavar="IN.parquet", help="Pick-a-Pic-schema pairs")
+    p.add_argument("--out", required=True, metavar="OUT.parquet", help="the kept pairs")
+    p.add_argument("--keep-fraction", type=float, default=0.5, help="fraction of pairs to keep (default 0.5)")
+    p.add_argument("--require-agreement", action="store_true",
+                   help="drop pairs whose (non-tie) human label the reward contradicts before ranking")
+    p.set_defaults(func=cmd_filter_pairs)
+
+    p = subparsers.add_parser("train-reward", help="fine-tune a CLIP reward model on preference pairs (PickScore objective)")
+    p.add_argument("config", metavar="CONFIG", help="YAML config (see configs/reward/tiny_pickscore.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. max_steps=100")
+    p.set_defaults(func=cmd_train_reward)
+
+    from ..rewards.server import DEFAULT_MAX_IMAGES, DEFAULT_MAX_PIXELS
+
+    p = subparsers.add_parser("serve-reward", help="serve a reward over HTTP (JSON, base64 images)",
+                              description="Serve one reward over HTTP for training jobs elsewhere "
+                                          "(client: --reward remote=http://HOST:PORT).",
+                              epilog=_serve_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_reward_args(p, multiple=False)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only; the server has no "
+                        "authentication, so other addresses log a warning)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body in MiB (413 above; default 64)")
+    p.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES,
+                   help=f"most images per request (413 above; default {DEFAULT_MAX_IMAGES})")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"largest image, width*height, checked from the header before decoding "
+                        f"(413 above; default {DEFAULT_MAX_PIXELS} = 4096x4096)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds before a request is answered 504 (default 120)")
+    p.add_argument("--no-access-log", action="store_true",
+                   help="do not log a line per request (client, method, path, status, seconds)")
+    p.set_defaults(func=cmd_serve_reward)
+
+
+def _serve_epilog() -> str:
+    """The /score request and response schemas, as the server's OpenAPI document has them."""
+    from ..rewards.server import openapi_spec
+
+    schemas = openapi_spec()["components"]["schemas"]
+
+    def block(name: str) -> str:
+        # one line per property: the indent=2 dump of a schema is four screens long
+        schema = dict(schemas[name])
+        props = schema.pop("properties")
+        head = json.dumps(schema)[:-1]
+        lines = [f'    {json.dumps(k)}: {json.dumps(v)},' for k, v in props.items()]
+        lines[-1] = lines[-1].rstrip(",")
+        return "\n".join([f'  {head}, "properties": {{', *lines, "  }}"])
+
+    return (
+        "API (OpenAPI 3; the full document is served at GET /openapi.json):\n"
+        "  GET  /health -> reward name, higher_is_better, needs_prompt and the limits below\n"
+        "  POST /score  (Content-Type: application/json), request body schema:\n"
+        f"{block('ScoreRequest')}\n"
+        "  200 response schema:\n"
+        f"{block('ScoreResponse')}\n"
+        '  errors: {"error": "one line"} with 400 malformed request or undecodable image, 411 no\n'
+        "  Content-Length, 413 over --max-body-mb / --max-images / --max-pixels, 500 reward failure,\n"
+        "  504 not scored within --timeout.\n"
+        "example:\n"
+        "  curl -s localhost:8000/score -H 'Content-Type: application/json' \\\n"
+        "       -d '{\"images\": [\"'$(base64 -w0 a.png)'\"], \"prompts\": [\"a cat\"]}'"
+    )
