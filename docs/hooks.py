@@ -116,12 +116,14 @@ def config_reference_markdown() -> str:
         methods_of.setdefault(cls, []).append(method)
     if not methods_of:
         raise RuntimeError("no trainer config is registered (diffalign.config.CONFIG_CLASSES is empty)")
+    from diffalign.eval.benchmarks import BenchmarkConfig
     from diffalign.eval.generate import EvalConfig
     from diffalign.trainers.reward_model import RewardTrainConfig
 
     # the configs of the other commands: what they are for, in place of the methods they serve
     other = {EvalConfig: "the keys of `diffalign eval` (its flags) and `diffalign.evaluate`",
-             RewardTrainConfig: "the config of `diffalign train-reward` (YAML + `key=value` overrides)"}
+             RewardTrainConfig: "the config of `diffalign train-reward` (YAML + `key=value` overrides)",
+             BenchmarkConfig: "the keys of `diffalign benchmark` (its flags)"}
     out = []
     for cls, methods in [*methods_of.items(), *other.items()]:
         doc = (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")

@@ -19,10 +19,11 @@ def keys_without_help(cls: type) -> list[str]:
 
 
 def test_every_field_of_every_config_has_help():
+    from diffalign.eval.benchmarks import BenchmarkConfig
     from diffalign.eval.generate import EvalConfig
     from diffalign.trainers.reward_model import RewardTrainConfig
 
-    classes = set(CONFIG_CLASSES.values()) | {EvalConfig, RewardTrainConfig}
+    classes = set(CONFIG_CLASSES.values()) | {EvalConfig, RewardTrainConfig, BenchmarkConfig}
     missing = {cls.__name__: keys_without_help(cls) for cls in classes}
     assert all(not keys for keys in missing.values()), f"config fields without help: {missing}"
 

@@ -70,10 +70,11 @@ import csv
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..config import option
 from ..errors import UserError
 from .summary import summarize
 
@@ -140,24 +141,27 @@ class Item:
 
 @dataclass
 class BenchmarkConfig:
-    name: str
-    model: str
-    out: str
-    prompts: str | None = None
-    lora: str | None = None
-    rewards: list[str] = field(default_factory=list)       # replaces the protocol's reward (preference sets)
-    reward_path: str | None = None                         # PATH of the protocol's reward (NAME=PATH)
-    reward_opts: dict = field(default_factory=dict)        # keyword arguments of the reward(s)
-    limit: int | None = None
-    images_per_prompt: int | None = None
-    seed: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    resolution: int | None = None
-    batch_size: int = 4
-    device: str = "cpu"
-    label: str | None = None
-    max_sequence_length: int | None = None
+    """What ``diffalign benchmark`` runs: one named benchmark (its :class:`Protocol`) on one model;
+    ``None`` fields take the protocol's value."""
+
+    name: str = option(help="the benchmark: geneval | ocr | hpsv2 | partiprompts | drawbench")
+    model: str = option(help="diffusers pipeline dir or hub id")
+    out: str = option(help="output directory; the same one again resumes")
+    prompts: str | None = option(None, help="the benchmark's prompt file in its official format; null: the protocol's")
+    lora: str | None = option(None, help="training run dir (LoRA weights or a full pipeline); null: the base model")
+    rewards: list[str] = option(factory=list, help="rewards replacing the protocol's (preference sets), NAME[=PATH]")
+    reward_path: str | None = option(None, help="PATH of the protocol's own reward (NAME=PATH)")
+    reward_opts: dict = option(factory=dict, help="keyword arguments of the reward(s)")
+    limit: int | None = option(None, help="only the first N prompts (of each style, for hpsv2)")
+    images_per_prompt: int | None = option(None, help="images per prompt; null: the protocol's (geneval 4, others 1)")
+    seed: int | None = option(None, help="image k of each prompt uses seed + k; null: 42")
+    steps: int | None = option(None, help="denoising steps; null: the protocol's")
+    guidance: float | None = option(None, help="guidance scale; null: the protocol's")
+    resolution: int | None = option(None, help="image side; null: the protocol's, else the model's")
+    batch_size: int = option(4, help="images per pipeline call (keep it when resuming)")
+    device: str = option("cpu", help="torch device to generate on")
+    label: str | None = option(None, help="name in reports; null: the out dir's name")
+    max_sequence_length: int | None = option(None, help="T5 tokens of SD3-family prompts")
 
 
 # -- prompt files ----------------------------------------------------------------------------------
