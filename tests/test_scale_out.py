@@ -18,9 +18,12 @@ in autograd against DDP's all-reduce / FSDP's reduce-scatter over ranks (or the 
 accumulation over micro-batches). Those differences are ~1e-7 relative; AdamW divides each
 gradient by its running RMS, so an element whose gradient is near zero can turn them into a
 visibly different step (at most ~lr = 1e-3 a step). Observed after 4 steps: LoRA <= 5e-6,
-full fine-tuning <= 4e-5 (<0.1% of the elements above 1e-6). So the weights are compared with
-``atol`` = a fifth of one step (2e-4), and the update (final - initial weights) by the relative
-norm of its difference, < 1e-3 (observed ~6e-5; a different draw realisation gives ~1).
+full fine-tuning <= 4e-5 (<0.1% of the elements above 1e-6), but one CI run saw a LoRA element
+2.5e-4 apart (a quarter step): where a gradient is near zero the step is as large as the noise
+makes it. So the weights are compared element-wise with ``atol`` = a fifth of one step (2e-4),
+allowing at most 0.1% of the elements beyond it (none beyond two steps a step), and the update
+(final - initial weights) by the relative norm of its difference, < 1e-3 (observed ~6e-5; a
+different draw realisation gives ~1).
 Each test also checks the weights moved by far more than that, and the one-process run with
 the default (per-process) draws lands outside the tolerance, so the comparison can fail.
 """
@@ -44,6 +47,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 ATOL = 2e-4  # a fifth of one AdamW step at lr 1e-3 (see the module docstring)
 UPDATE_RTOL = 1e-3  # ||update_a - update_b|| / ||update_a||
 STEPS = 4
+OUTLIER_FRACTION = 1e-3  # of the weights' elements, may lie beyond ATOL (AdamW amplification, see above)
+MAX_ELEMENT_DIFF = 2 * STEPS * 1e-3  # ... but none further than two AdamW steps of lr 1e-3 per step
 
 # ------------------------------------------------------------------------------ runs
 def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
@@ -112,8 +117,15 @@ def assert_same_training(a: dict, b: dict, init: dict | None = None) -> float:
     """``a`` and ``b`` (final weights of two layouts) equal within the stated tolerance; ``init``:
     the initial weights (None: a LoRA run, see :func:`_update`)."""
     assert a.keys() == b.keys()
+    outliers = total = 0
     for k in a:
-        assert torch.allclose(a[k], b[k], rtol=0, atol=ATOL), (k, (a[k] - b[k]).abs().max().item())
+        diff = (a[k] - b[k]).abs()
+        # no element further apart than AdamW can move it in the run (~lr a step, twice for margin)
+        assert diff.max().item() <= MAX_ELEMENT_DIFF, (k, diff.max().item())
+        outliers += int((diff > ATOL).sum())
+        total += diff.numel()
+    # elements beyond ATOL: the near-zero-gradient elements AdamW amplifies (module docstring)
+    assert outliers <= OUTLIER_FRACTION * total, (outliers, total)
     ua, ub = _update(a, init), _update(b, init)
     rel = ((ua - ub).norm() / ua.norm()).item()
     assert rel < UPDATE_RTOL, rel

@@ -191,7 +191,7 @@ def load_prompts(proto: Protocol, spec: str | None) -> list[tuple[str, str, dict
     if path.is_dir():
         raise _missing(proto, spec)
     if proto.name == "geneval":
-        from ..rewards.geneval.rules import _check_metadata
+        from ..rewards.geneval.rules import check_metadata
 
         rows = []
         for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -204,7 +204,7 @@ def load_prompts(proto: Protocol, spec: str | None) -> list[tuple[str, str, dict
             if not isinstance(row, dict) or not {"prompt", "tag", "include"} <= row.keys():
                 raise UserError(f"--prompts {spec} line {i}: a GenEval row needs 'tag', 'include' and 'prompt'")
             try:
-                _check_metadata(row)
+                check_metadata(row)
             except (ValueError, KeyError, TypeError) as e:
                 raise UserError(f"--prompts {spec} line {i}: {e}") from None
             rows.append((str(row["prompt"]), str(row["tag"]), row))

@@ -208,7 +208,7 @@ def _colors_of(cls: str, group: Detections, color_fn: ColorFn | None) -> list[st
     return colors
 
 
-def _check_metadata(metadata: Mapping[str, Any]) -> None:
+def check_metadata(metadata: Mapping[str, Any]) -> None:
     includes = metadata.get("include")
     if not isinstance(includes, list) or not includes:
         raise ValueError("GenEval metadata needs a non-empty 'include' list of {'class', 'count'} clauses")
@@ -243,7 +243,7 @@ def judge(objects: Mapping[str, Detections], metadata: Mapping[str, Any], color_
     """Judge one image: ``objects`` are the *selected* detections (:func:`select_detections`), each class
     sorted most confident first; colours come from ``Detections.colors`` or ``color_fn(class, group)``
     (called on the ``count`` most confident objects of a colour clause's class, only when needed)."""
-    _check_metadata(metadata)
+    check_metadata(metadata)
     reasons: list[str] = []
     terms: list[float] = []
     # per include clause, the group a later position clause refers to: under GenEval's rule (None when
