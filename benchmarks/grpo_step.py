@@ -12,7 +12,7 @@ Runs ``diffalign.trainers.online.train_online`` with ``diffalign/configs/tiny/<n
 key=value`` overrides) and prints the mean ``rollout_seconds`` / ``train_seconds`` over the steps
 after the first (warm-up), the model rows per step and ``logprob_mismatch``. ``--json`` writes the
 table. Runs on a GPU when one is visible (accelerate's default device), else on the CPU.
-``--arch flux`` trains the real FLUX.1-dev architecture with random weights, built in memory by
+``--arch flux`` (or ``sd35m``, SD3.5-Medium) trains the real FLUX.1-dev architecture with random weights, built in memory by
 ``pair_step.build_adapter`` (no checkpoint needed; ``--layers N`` keeps N blocks of each kind); the
 table then adds the peak GPU memory.
 """
@@ -46,12 +46,16 @@ def bench(model: str, config: str, steps: int, overrides: list[str], out_root: P
     wall = time.perf_counter() - t0
     timed = hist[1:] if len(hist) > 1 else hist
     mean = lambda k: sum(h[k] for h in timed) / len(timed)  # noqa: E731
+    images = cfg.prompts_per_step * cfg.group_size  # per process and step
     return {
         "model": model, "config": config, "steps": steps, "wall_seconds": round(wall, 2),
+        "resolution": cfg.sampler.resolution, "num_steps": cfg.sampler.num_steps, "lora_rank": cfg.lora.rank,
+        "images_per_step": images, "rollout_images_per_second": round(images / mean("rollout_seconds"), 3),
         "rollout_seconds": round(mean("rollout_seconds"), 3), "train_seconds": round(mean("train_seconds"), 3),
         "reward_wait_seconds": round(mean("reward_wait_seconds"), 3), "transitions": timed[-1]["transitions"],
         "model_rows": timed[-1]["model_rows"], "logprob_mismatch": max(h["logprob_mismatch"] for h in hist),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
 
 
@@ -63,7 +67,8 @@ def use_in_memory_architecture(arch: str, layers: int | None) -> str:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from pair_step import build_adapter
 
-    def load(model, opts=None, dtype=None, device="cpu"):
+    def load(model, opts=None, dtype=None, device="cpu", encoders=True):
+        # encoders: the trainer's latent-cache switch; an online run always asks for them
         import torch
 
         return build_adapter(arch, opts, torch.device(device), dtype or torch.float32, layers)
@@ -76,7 +81,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", nargs="*", default=[], help="diffusers model dirs / hub ids")
     p.add_argument("--tiny", nargs="*", default=[], help="tiny model kinds to build (sd15, sd21, sdxl, sd3, flux, flux2, ...)")
-    p.add_argument("--arch", default=None, help="flux: the real FLUX.1-dev architecture, random weights, in memory")
+    p.add_argument("--arch", default=None, help=("flux | sd35m: the real FLUX.1-dev / SD3.5-Medium architecture, "
+                                                 "random weights, in memory"))
     p.add_argument("--layers", type=int, default=None, help="with --arch: keep N double + N single blocks (smoke runs)")
     p.add_argument("--configs", nargs="*", default=["grpo", "mixgrpo", "branchgrpo", "dancegrpo"])
     p.add_argument("--steps", type=int, default=3)
@@ -95,7 +101,7 @@ def main(argv=None) -> int:
     if args.arch:
         models.append(use_in_memory_architecture(args.arch, args.layers))
     if not models:
-        p.error("give --model DIR, --tiny KIND or --arch flux")
+        p.error("give --model DIR, --tiny KIND or --arch flux|sd35m")
     rows = []
     for m in models:
         for c in args.configs:
