@@ -73,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"diffalign {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`diffalign recipes | head`): stop quietly, as Unix tools do
+        # point stdout at /dev/null so the interpreter's final flush does not raise again (Python's
+        # documented recipe); 141 = 128 + SIGPIPE, what a shell reports for a tool killed by it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt as e:  # Interrupted says where training stopped and how to go on
         if debug:
             raise
