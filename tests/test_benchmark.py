@@ -224,3 +224,18 @@ def test_hpsv2_benchmark_scores_each_style_and_their_average(tiny_model, tmp_pat
     assert s["headline"]["average"] == pytest.approx(sum(styles.values()) / 4)
     assert s["rewards"]["hpsv2.average"]["mean"] == pytest.approx(s["headline"]["average"])
     assert (out / "images/concept-art/00001.png").is_file() and len(_csv(out)) == 5
+
+
+def test_bad_values_and_a_failed_load_leave_nothing_to_refuse_the_fix(tmp_path, capsys):
+    prompts = tmp_path / "test.txt"
+    prompts.write_text('a sign that says "open"\n')
+    out = tmp_path / "o"
+    base = ["benchmark", "ocr", "--prompts", str(prompts), "--out", str(out)]
+    for flag, value in (("--batch-size", "0"), ("--steps", "0"), ("--resolution", "30")):
+        assert main([*base, "--model", "nowhere", flag, value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and flag in err
+        assert not out.exists()  # refused before anything is written
+    # a model that does not load: the dir this run made is removed, so the corrected run is not refused
+    assert main([*base, "--model", str(tmp_path / "no_model")]) == 2
+    assert "no_model" in capsys.readouterr().err and not out.exists()

@@ -69,6 +69,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -457,6 +458,14 @@ def run_benchmark(cfg: BenchmarkConfig, pipe=None, reward=None) -> dict:
     n_images = cfg.images_per_prompt or proto.images_per_prompt
     if n_images < 1:
         raise UserError("--images-per-prompt must be >= 1")
+    for flag, value, ok in (("--batch-size", cfg.batch_size, cfg.batch_size >= 1),
+                            ("--steps", cfg.steps, cfg.steps is None or cfg.steps >= 1),
+                            ("--resolution", cfg.resolution, cfg.resolution is None or (cfg.resolution >= 8 and cfg.resolution % 8 == 0)),
+                            ("--guidance", cfg.guidance, cfg.guidance is None or cfg.guidance >= 0),
+                            ("--max-sequence-length", cfg.max_sequence_length,
+                             cfg.max_sequence_length is None or cfg.max_sequence_length >= 1)):
+        if not ok:  # before anything is written: a bad value must not leave a benchmark.json that refuses the fix
+            raise UserError(f"{flag} {value}: must be {'a multiple of 8, >= 8' if flag == '--resolution' else '>= 0' if flag == '--guidance' else '>= 1'}")
     gen = {
         "benchmark": proto.name, "model": cfg.model, "lora": cfg.lora,
         "seed": proto.seed if cfg.seed is None else int(cfg.seed), "images_per_prompt": n_images,
@@ -475,6 +484,7 @@ def run_benchmark(cfg: BenchmarkConfig, pipe=None, reward=None) -> dict:
                             f"{gen.get(k)!r}); resume with the same settings or use another --out")
     elif (out / "images").exists():
         raise UserError(f"--out {out} has images/ but no benchmark.json: not a `diffalign benchmark` dir; use another --out")
+    created, fresh_state = not out.exists(), not state.is_file()
     out.mkdir(parents=True, exist_ok=True)
     state.write_text(json.dumps(gen, indent=2), encoding="utf-8")
 
@@ -497,7 +507,18 @@ def run_benchmark(cfg: BenchmarkConfig, pipe=None, reward=None) -> dict:
 
     for tmp in (out / "images").rglob(".*.tmp*.png") if (out / "images").is_dir() else []:
         tmp.unlink(missing_ok=True)  # half-written by a killed run
-    made = generate_missing(items, needed, out, gen, pipe_fn, label)
+    try:
+        made = generate_missing(items, needed, out, gen, pipe_fn, label)
+    except BaseException:
+        # nothing generated (a model that does not load, ...): undo what this run wrote, so the next
+        # run with the fix is not refused as "other settings" (eval removes its dir the same way)
+        if fresh_state and not any((out / "images").rglob("*.png")):
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                state.unlink(missing_ok=True)
+                shutil.rmtree(out / "images", ignore_errors=True)
+        raise
 
     # -- score
     extra: dict[str, Any] = {}
